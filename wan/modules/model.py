@@ -1,0 +1,476 @@
+"""WanModel: the Wan2.2 diffusion transformer (DiT), one expert of T2V-A14B.
+
+Read top to bottom: embeddings (patch, time, text) -> N x WanAttentionBlock -> Head ->
+unpatchify. The default forward reproduces the reference's numerics (REFERENCE.md §2.3-2.5),
+including its precision map: fp32 islands (time MLP, modulation, norms, head), a float64
+sinusoid and RoPE, an fp32 residual stream after block 0's first add, and bf16 matmuls under the
+caller's autocast. `ForwardOptions` switches on the exact-math speed-ups of the optimized path
+(per-sample time embedding, an fp32 RoPE table, the attention kernel); all of them default to
+the reference behaviour.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..utils.checkpoint import (iter_safetensors, load_tensors_, require_file,
+                                save_sharded_safetensors, safetensors_files)
+from ..utils.random_init import build_on_meta, init_random_weights_
+from .attention import attention
+
+__all__ = ['WanModel', 'sinusoidal_embedding_1d', 'rope_params', 'rope_apply',
+           'ForwardOptions']
+
+
+@dataclass
+class ForwardOptions:
+    """How the forward is computed. The defaults are the reference's numerics."""
+    # attention kernel: None uses wan.modules.attention's process default
+    attn_backend: Optional[str] = None
+    # dtype q/k/v are cast to for the attention kernel (reference: bf16)
+    attn_dtype: torch.dtype = torch.bfloat16
+    # time MLP and 6*dim projection once per sample instead of once per token (same math)
+    per_sample_time: bool = False
+    # RoPE from a cached fp32 cos/sin table instead of float64 complex products
+    fast_rope: bool = False
+
+
+@contextmanager
+def _fp32_region(device: torch.device):
+    """The reference's `autocast(dtype=float32)` islands.
+
+    On CUDA, autocast with dtype fp32 runs matmuls in fp32 (bf16 weights are upcast). CPU
+    autocast knows no fp32 mode, so there the island simply runs with autocast off.
+    """
+    if device.type == 'cuda':
+        with torch.autocast('cuda', dtype=torch.float32):
+            yield
+    else:
+        with torch.autocast(device.type, enabled=False):
+            yield
+
+
+def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
+    """[cos(p*w_k) ..., sin(p*w_k) ...] with w_k = 10000^(-k/half), computed in float64."""
+    assert dim % 2 == 0
+    half = dim // 2
+    position = position.to(torch.float64)
+    omega = torch.pow(10000, -torch.arange(half, dtype=torch.float64,
+                                           device=position.device).div(half))
+    angles = torch.outer(position, omega)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def rope_params(max_seq_len: int, dim: int, theta: float = 10000) -> torch.Tensor:
+    """complex128 table (max_seq_len, dim/2): exp(i * p * theta^(-2j/dim))."""
+    assert dim % 2 == 0
+    # Explicit CPU device: the table is a plain attribute, also when the model is built on meta.
+    inv = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64,
+                                              device='cpu').div(dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device='cpu'), inv)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def _rope_split(head_dim: int) -> List[int]:
+    # complex slots per axis (frame, row, column): 22/21/21 for head_dim 128
+    c = head_dim // 2
+    return [c - 2 * (c // 3), c // 3, c // 3]
+
+
+def rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Reference 3D RoPE: float64 complex rotation of interleaved channel pairs, fp32 out.
+
+    x: (B, L, heads, head_dim); grid_sizes: (B, 3) of (F, Hp, Wp); freqs: (1024, head_dim/2)
+    complex. Tokens past F*Hp*Wp pass through unrotated.
+    """
+    n, c = x.size(2), x.size(3) // 2
+    freqs = freqs.split(_rope_split(x.size(3)), dim=1)
+    out = []
+    for i, (f, h, w) in enumerate(grid_sizes.tolist()):
+        seq = f * h * w
+        xi = torch.view_as_complex(x[i, :seq].to(torch.float64).reshape(seq, n, -1, 2))
+        fi = torch.cat([
+            freqs[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+            freqs[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
+            freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
+        ], dim=-1).reshape(seq, 1, -1)
+        xi = torch.view_as_real(xi * fi).flatten(2)
+        out.append(torch.cat([xi, x[i, seq:].to(torch.float64)]))
+    return torch.stack(out).float()
+
+
+def rope_cos_sin(grid_sizes: torch.Tensor, freqs: torch.Tensor, seq_len: int,
+                 device: torch.device) -> torch.Tensor:
+    """fp32 (B, seq_len, 1, head_dim/2, 2) table of (cos, sin); identity past the true length.
+
+    Derived from the same float64 table as rope_apply, so rotating with it is the same math
+    in fp32 instead of float64 (differences at fp32 rounding level).
+    """
+    split = _rope_split(freqs.size(1) * 2)
+    parts = freqs.split(split, dim=1)
+    tables = []
+    for f, h, w in grid_sizes.tolist():
+        seq = f * h * w
+        fi = torch.cat([
+            parts[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+            parts[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
+            parts[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
+        ], dim=-1).reshape(seq, -1)
+        pad = torch.ones(seq_len - seq, fi.size(1), dtype=fi.dtype, device=fi.device)
+        fi = torch.cat([fi, pad])
+        tables.append(torch.stack([fi.real, fi.imag], dim=-1))
+    return torch.stack(tables).unsqueeze(2).to(device=device, dtype=torch.float32)
+
+
+def rope_apply_fast(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE with a precomputed fp32 (cos, sin) table; fp32 out like rope_apply."""
+    xr = x.float().unflatten(-1, (-1, 2))
+    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
+    a, b = xr[..., 0], xr[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+class WanRMSNorm(nn.Module):
+    """RMSNorm over the last dim: normalise in fp32, cast to the input dtype, then scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) \
+            * self.weight
+
+
+class WanLayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32, returned in the input's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
+        super().__init__(dim, elementwise_affine=elementwise_affine, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
+class WanSelfAttention(nn.Module):
+
+    def __init__(self, dim: int, num_heads: int, window_size=(-1, -1), qk_norm: bool = True,
+                 eps: float = 1e-6):
+        assert dim % num_heads == 0
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.window_size = window_size
+        self.qk_norm = qk_norm
+        self.eps = eps
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        # across all heads (REFERENCE.md §10.10), not per head
+        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.options = ForwardOptions()
+
+    def qkv(self, x: torch.Tensor):
+        b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, s, n, d)
+        k = self.norm_k(self.k(x)).view(b, s, n, d)
+        v = self.v(x).view(b, s, n, d)
+        return q, k, v
+
+    def forward(self, x, seq_lens, grid_sizes, freqs, rope_table=None):
+        q, k, v = self.qkv(x)
+        if rope_table is not None:
+            q, k = rope_apply_fast(q, rope_table), rope_apply_fast(k, rope_table)
+        else:
+            q, k = rope_apply(q, grid_sizes, freqs), rope_apply(k, grid_sizes, freqs)
+        x = self.attend(q, k, v, seq_lens)
+        return self.o(x.flatten(2))
+
+    def attend(self, q, k, v, k_lens):
+        """The attention call itself; sequence parallelism replaces this method."""
+        return attention(q, k, v, k_lens=k_lens, window_size=self.window_size,
+                         dtype=self.options.attn_dtype, backend=self.options.attn_backend)
+
+
+class WanCrossAttention(WanSelfAttention):
+
+    def forward(self, x, context, context_lens):
+        b, n, d = x.size(0), self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, -1, n, d)
+        k = self.norm_k(self.k(context)).view(b, -1, n, d)
+        v = self.v(context).view(b, -1, n, d)
+        x = attention(q, k, v, k_lens=context_lens, dtype=self.options.attn_dtype,
+                      backend=self.options.attn_backend)
+        return self.o(x.flatten(2))
+
+
+class WanAttentionBlock(nn.Module):
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, window_size=(-1, -1),
+                 qk_norm: bool = True, cross_attn_norm: bool = False, eps: float = 1e-6):
+        super().__init__()
+        self.dim = dim
+        self.ffn_dim = ffn_dim
+        self.num_heads = num_heads
+        self.norm1 = WanLayerNorm(dim, eps)
+        self.self_attn = WanSelfAttention(dim, num_heads, window_size, qk_norm, eps)
+        self.norm3 = WanLayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm \
+            else nn.Identity()
+        self.cross_attn = WanCrossAttention(dim, num_heads, (-1, -1), qk_norm, eps)
+        self.norm2 = WanLayerNorm(dim, eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate='tanh'),
+                                 nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, e, seq_lens, grid_sizes, freqs, context, context_lens,
+                rope_table=None):
+        """x: (B, L, dim); e: (B, L or 1, 6, dim) fp32."""
+        assert e.dtype == torch.float32
+        with _fp32_region(x.device):
+            # (shift, scale, gate) for self-attention, then for the FFN
+            m = (self.modulation.unsqueeze(0) + e).chunk(6, dim=2)
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (u.squeeze(2) for u in m)
+
+        y = self.self_attn(self.norm1(x).float() * (1 + scale_a) + shift_a,
+                           seq_lens, grid_sizes, freqs, rope_table)
+        with _fp32_region(x.device):
+            x = x + y * gate_a  # promotes the residual stream to fp32 from block 0 on
+
+        # cross-attention: affine norm3, no modulation, no gate
+        x = x + self.cross_attn(self.norm3(x), context, context_lens)
+
+        y = self.ffn(self.norm2(x).float() * (1 + scale_f) + shift_f)
+        with _fp32_region(x.device):
+            x = x + y * gate_f
+        return x
+
+
+class Head(nn.Module):
+
+    def __init__(self, dim: int, out_dim: int, patch_size: Sequence[int], eps: float = 1e-6):
+        super().__init__()
+        self.dim = dim
+        self.out_dim = out_dim
+        self.patch_size = patch_size
+        self.eps = eps
+        out = math.prod(patch_size) * out_dim
+        self.norm = WanLayerNorm(dim, eps)
+        self.head = nn.Linear(dim, out)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, dim); e: the time embedding (B, L or 1, dim) fp32 -- not e0."""
+        assert e.dtype == torch.float32
+        with _fp32_region(x.device):
+            shift, scale = (self.modulation.unsqueeze(0) + e.unsqueeze(2)).chunk(2, dim=2)
+            return self.head(self.norm(x) * (1 + scale.squeeze(2)) + shift.squeeze(2))
+
+
+class WanModel(nn.Module):
+    """Wan2.2 diffusion transformer (text-to-video expert)."""
+
+    # never read from config.json; the defaults always apply (text_dim is this project's
+    # exception: read when present so that tiny test models with small encoders load)
+    ignore_for_config = ['patch_size', 'cross_attn_norm', 'qk_norm', 'window_size']
+    _no_split_modules = ['WanAttentionBlock']
+
+    def __init__(self,
+                 model_type: str = 't2v',
+                 patch_size: Sequence[int] = (1, 2, 2),
+                 text_len: int = 512,
+                 in_dim: int = 16,
+                 dim: int = 2048,
+                 ffn_dim: int = 8192,
+                 freq_dim: int = 256,
+                 text_dim: int = 4096,
+                 out_dim: int = 16,
+                 num_heads: int = 16,
+                 num_layers: int = 32,
+                 window_size: Sequence[int] = (-1, -1),
+                 qk_norm: bool = True,
+                 cross_attn_norm: bool = True,
+                 eps: float = 1e-6):
+        super().__init__()
+        if model_type not in ('t2v', 'i2v', 'ti2v', 's2v'):
+            raise ValueError(f'unknown model_type {model_type!r}')
+        if model_type != 't2v':
+            raise NotImplementedError(f"model_type {model_type!r}: this project implements "
+                                      "the text-to-video DiT only")
+        self.model_type = model_type
+        self.patch_size = tuple(patch_size)
+        self.text_len = text_len
+        self.in_dim = in_dim
+        self.dim = dim
+        self.ffn_dim = ffn_dim
+        self.freq_dim = freq_dim
+        self.text_dim = text_dim
+        self.out_dim = out_dim
+        self.num_heads = num_heads
+        self.num_layers = num_layers
+        self.window_size = tuple(window_size)
+        self.qk_norm = qk_norm
+        self.cross_attn_norm = cross_attn_norm
+        self.eps = eps
+
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=patch_size, stride=patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim),
+                                            nn.GELU(approximate='tanh'), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(),
+                                            nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList([
+            WanAttentionBlock(dim, ffn_dim, num_heads, window_size, qk_norm, cross_attn_norm,
+                              eps) for _ in range(num_layers)])
+        self.head = Head(dim, out_dim, patch_size, eps)
+
+        # complex128 RoPE table, a plain attribute (not a buffer, not in the checkpoint)
+        d = dim // num_heads
+        assert d % 2 == 0
+        self.freqs = torch.cat([rope_params(1024, d - 4 * (d // 6)),
+                                rope_params(1024, 2 * (d // 6)),
+                                rope_params(1024, 2 * (d // 6))], dim=1)
+        self.set_options(ForwardOptions())
+
+    # ------------------------------------------------------------------ options
+    def set_options(self, options: ForwardOptions) -> None:
+        """Share one ForwardOptions object with every attention module."""
+        self.options = options
+        self._rope_cache: Dict[Any, torch.Tensor] = {}
+        for m in self.modules():
+            if isinstance(m, WanSelfAttention):
+                m.options = options
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: List[torch.Tensor], t: torch.Tensor, context: List[torch.Tensor],
+                seq_len: int, y: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        """x: list of (C, T', H', W') latents; t: (B,) or (B, seq_len); context: list of
+        (L_i, text_dim). Returns the list of predicted velocities (C, T', H', W') in fp32."""
+        if y is not None:
+            raise ValueError('y (image conditioning) is not used by the t2v model')
+        device = self.patch_embedding.weight.device
+        if self.freqs.device != device:
+            self.freqs = self.freqs.to(device)
+
+        # 1. patch embedding, flatten in (f, h, w) order, right-pad to seq_len
+        x = [self.patch_embedding(u.unsqueeze(0)) for u in x]
+        grid_sizes = torch.stack([torch.tensor(u.shape[2:], dtype=torch.long) for u in x])
+        x = [u.flatten(2).transpose(1, 2) for u in x]
+        seq_lens = torch.tensor([u.size(1) for u in x], dtype=torch.long)
+        assert seq_lens.max() <= seq_len, f'{int(seq_lens.max())} tokens > seq_len {seq_len}'
+        x = torch.cat([torch.cat([u, u.new_zeros(1, seq_len - u.size(1), u.size(2))], dim=1)
+                       for u in x])
+
+        # 2-3. time embedding: the reference expands t to one timestep per token
+        if t.dim() == 1:
+            t = t.unsqueeze(1) if self.options.per_sample_time else \
+                t.unsqueeze(1).expand(t.size(0), seq_len)
+        elif self.options.per_sample_time and bool((t == t[:, :1]).all()):
+            t = t[:, :1]
+        with _fp32_region(device):
+            bt, lt = t.shape
+            e = self.time_embedding(
+                sinusoidal_embedding_1d(self.freq_dim, t.flatten()).unflatten(0, (bt, lt))
+                .float())
+            e0 = self.time_projection(e).unflatten(2, (6, self.dim))
+            assert e.dtype == torch.float32 and e0.dtype == torch.float32
+
+        # 4. text: zero-pad each context to text_len BEFORE the MLP; no cross-attention mask
+        context = self.text_embedding(torch.stack([
+            torch.cat([u, u.new_zeros(self.text_len - u.size(0), u.size(1))]) for u in context]))
+
+        rope_table = self._rope_table(grid_sizes, seq_len, device) if self.options.fast_rope \
+            else None
+        for block in self.blocks:
+            x = block(x, e0, seq_lens, grid_sizes, self.freqs, context, None, rope_table)
+
+        x = self.head(x, e)
+        return [u.float() for u in self.unpatchify(x, grid_sizes)]
+
+    def _rope_table(self, grid_sizes, seq_len, device):
+        key = (tuple(map(tuple, grid_sizes.tolist())), seq_len, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_cos_sin(grid_sizes, self.freqs.cpu(), seq_len, device)
+        return self._rope_cache[key]
+
+    def unpatchify(self, x: torch.Tensor, grid_sizes: torch.Tensor) -> List[torch.Tensor]:
+        """(B, L, prod(patch)*C) -> list of (C, F*pt, Hp*ph, Wp*pw); head channels are
+        ordered (pt, ph, pw, c) with c fastest."""
+        c = self.out_dim
+        out = []
+        for u, grid in zip(x, grid_sizes.tolist()):
+            u = u[:math.prod(grid)].view(*grid, *self.patch_size, c)
+            u = torch.einsum('fhwpqrc->cfphqwr', u)
+            out.append(u.reshape(c, *[g * p for g, p in zip(grid, self.patch_size)]))
+        return out
+
+    # ------------------------------------------------------------------ construction
+    def config_dict(self) -> Dict[str, Any]:
+        """What config.json holds for this model (diffusers ConfigMixin layout)."""
+        return {'_class_name': 'WanModel', '_diffusers_version': '0.35.0',
+                'model_type': self.model_type, 'text_len': self.text_len,
+                'in_dim': self.in_dim, 'dim': self.dim, 'ffn_dim': self.ffn_dim,
+                'freq_dim': self.freq_dim, 'text_dim': self.text_dim, 'out_dim': self.out_dim,
+                'num_heads': self.num_heads, 'num_layers': self.num_layers, 'eps': self.eps}
+
+    @classmethod
+    def read_config(cls, folder: str) -> Dict[str, Any]:
+        path = require_file(os.path.join(folder, 'config.json'), 'DiT config')
+        with open(path) as f:
+            cfg = json.load(f)
+        allowed = set(cls.__init__.__code__.co_varnames[1:cls.__init__.__code__.co_argcount])
+        return {k: v for k, v in cfg.items()
+                if k in allowed and k not in cls.ignore_for_config}
+
+    @classmethod
+    def from_pretrained(cls, folder: str, subfolder: Optional[str] = None,
+                        torch_dtype: Optional[torch.dtype] = None,
+                        device: torch.device | str | None = None) -> 'WanModel':
+        """Load config.json + safetensors (sharded with an index, or single) from
+        `folder/subfolder`, streaming each tensor to `device` (default CPU) in `torch_dtype`
+        (default: the checkpoint's dtype, fp32 for the release)."""
+        path = os.path.join(folder, subfolder) if subfolder else folder
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f'DiT checkpoint folder not found: looked for '
+                                    f'{os.path.abspath(path)}')
+        kwargs = cls.read_config(path)
+        files, weight_map = safetensors_files(path)
+        model = build_on_meta(lambda: cls(**kwargs))
+        tensors = iter_safetensors(files)
+        n = len(model.state_dict())
+        if n > 100:  # a real expert: show progress over its ~1100 tensors
+            from tqdm import tqdm
+            tensors = tqdm(tensors, total=n, desc=f'loading {subfolder or path}', unit='tensor')
+        load_tensors_(model, tensors, source=path, device=device or 'cpu', dtype=torch_dtype,
+                      expected_names=weight_map.keys() if weight_map else None)
+        model.freqs = model.freqs.to(device or 'cpu')
+        return model.eval().requires_grad_(False)
+
+    @classmethod
+    def from_random(cls, seed: int = 0, device: torch.device | str = 'cpu',
+                    dtype: Optional[torch.dtype] = None, **kwargs) -> 'WanModel':
+        """Deterministic random weights, built directly on `device` (no host copy)."""
+        model = build_on_meta(lambda: cls(**kwargs))
+        init_random_weights_(model, seed, device, dtype)
+        return model.eval().requires_grad_(False)
+
+    def save_pretrained(self, folder: str, max_shard_bytes: int = 10 * 2**30) -> None:
+        """Write config.json and safetensors shards (+ index) in the released layout."""
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, 'config.json'), 'w') as f:
+            json.dump(self.config_dict(), f, indent=2)
+        save_sharded_safetensors({k: v.detach().cpu() for k, v in self.state_dict().items()},
+                                 folder, max_shard_bytes)

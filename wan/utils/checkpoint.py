@@ -1,0 +1,210 @@
+"""The one checkpoint loader: reads the released file formats and streams tensors into models.
+
+Formats (REFERENCE.md §3):
+- DiT experts: a folder with `config.json` and either sharded safetensors with
+  `diffusion_pytorch_model.safetensors.index.json`, or a single
+  `diffusion_pytorch_model.safetensors`.
+- T5 and VAE: a `torch.save` state dict (`.pth`), read with `weights_only=True` and mmap so
+  that an 11 GB file is not copied into host memory at once.
+
+Models are built on the meta device; `load_tensors_` then assigns each checkpoint tensor,
+converted to the target device and dtype, in place of the meta parameter. Tensors are read one
+at a time (safetensors) or from an mmapped pickle, so host memory holds at most about one
+shard beyond what the model itself occupies.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    'CheckpointError', 'require_file', 'read_pth', 'safetensors_files', 'iter_safetensors',
+    'iter_pth', 'load_tensors_', 'module_tensor_shapes', 'save_sharded_safetensors',
+]
+
+SAFETENSORS_INDEX = 'diffusion_pytorch_model.safetensors.index.json'
+SAFETENSORS_SINGLE = 'diffusion_pytorch_model.safetensors'
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or does not match the model."""
+
+
+def require_file(path: str, what: str) -> str:
+    """Return `path` if it is a file, else raise FileNotFoundError naming what and where."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{what} not found: looked for {os.path.abspath(path)}')
+    return path
+
+
+def read_pth(path: str) -> Dict[str, torch.Tensor]:
+    """Load a plain tensor state dict saved with torch.save, safely and memory-mapped."""
+    require_file(path, 'checkpoint file')
+    try:
+        sd = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as exc:  # pickle errors, truncated zip, non-tensor payloads
+        raise CheckpointError(f'cannot read checkpoint {path}: {exc}') from exc
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f'{path} is not a state dict of tensors')
+    return sd
+
+
+def iter_pth(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
+    yield from read_pth(path).items()
+
+
+def safetensors_files(folder: str) -> Tuple[List[str], Optional[Dict[str, str]]]:
+    """Return the shard paths of a diffusers-style folder and the index's weight map (or None)."""
+    index_path = os.path.join(folder, SAFETENSORS_INDEX)
+    single_path = os.path.join(folder, SAFETENSORS_SINGLE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)['weight_map']
+        except Exception as exc:
+            raise CheckpointError(f'cannot read shard index {index_path}: {exc}') from exc
+        shards = sorted(set(weight_map.values()))
+        paths = [os.path.join(folder, s) for s in shards]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(
+                f'{len(missing)} safetensors shard(s) listed in {index_path} not found: '
+                f'looked for {", ".join(missing[:3])}' + (' ...' if len(missing) > 3 else ''))
+        return paths, weight_map
+    if os.path.isfile(single_path):
+        return [single_path], None
+    raise FileNotFoundError(
+        f'no safetensors weights in {os.path.abspath(folder)}: looked for {SAFETENSORS_INDEX} '
+        f'and {SAFETENSORS_SINGLE}')
+
+
+def iter_safetensors(paths: Iterable[str]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one tensor at a time from safetensors files (CPU, mmapped)."""
+    from safetensors import safe_open
+    for path in paths:
+        try:
+            with safe_open(path, framework='pt', device='cpu') as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except FileNotFoundError:
+            raise
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f'cannot read safetensors file {path}: {exc}') from exc
+
+
+def module_tensor_shapes(module: nn.Module) -> Dict[str, torch.Size]:
+    """Names and shapes of every tensor a checkpoint of `module` must hold."""
+    return {name: t.shape for name, t in module.state_dict(keep_vars=True).items()}
+
+
+def _describe(names: List[str], n: int = 5) -> str:
+    shown = ', '.join(names[:n])
+    return f'{len(names)} ({shown}{", ..." if len(names) > n else ""})'
+
+
+def _check_names(expected: Dict[str, torch.Size], names: Iterable[str], source: str) -> None:
+    """Fail early, before loading anything, if the set of names is wrong."""
+    names = set(names)
+    unknown = sorted(names - expected.keys())
+    missing = sorted(expected.keys() - names)
+    if unknown or missing:
+        parts = []
+        if missing:
+            parts.append(f'missing tensors: {_describe(missing)}')
+        if unknown:
+            parts.append(f'unexpected tensors: {_describe(unknown)}')
+        raise CheckpointError(f'checkpoint {source} does not match the model: ' + '; '.join(parts))
+
+
+def load_tensors_(module: nn.Module,
+                  tensors: Iterable[Tuple[str, torch.Tensor]],
+                  *,
+                  source: str,
+                  device: torch.device | str = 'cpu',
+                  dtype: Optional[torch.dtype] = None,
+                  expected_names: Optional[Iterable[str]] = None,
+                  keep_dtype: Optional[Callable[[str], bool]] = None) -> nn.Module:
+    """Assign checkpoint tensors to `module` (usually built on the meta device), in place.
+
+    Each tensor is checked against the model's name and shape, converted to `device` and (for
+    floating tensors, unless `keep_dtype(name)` says otherwise) to `dtype`, and then replaces
+    the parameter or buffer. Unknown, missing or mis-shaped tensors raise CheckpointError
+    listing the first few names and the counts. `expected_names`, when known ahead (a shard
+    index), is checked before any tensor is read.
+    """
+    expected = module_tensor_shapes(module)
+    if expected_names is not None:
+        _check_names(expected, expected_names, source)
+    seen, unknown, misshaped = set(), [], []
+    for name, tensor in tensors:
+        if name not in expected:
+            unknown.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(expected[name]):
+            misshaped.append(f'{name}: checkpoint {tuple(tensor.shape)} vs model '
+                             f'{tuple(expected[name])}')
+            continue
+        target_dtype = dtype
+        if dtype is None or not tensor.is_floating_point() or (keep_dtype and keep_dtype(name)):
+            target_dtype = tensor.dtype
+        _assign(module, name, tensor.to(device=device, dtype=target_dtype, copy=False))
+        seen.add(name)
+    missing = sorted(expected.keys() - seen)
+    if unknown or missing or misshaped:
+        parts = []
+        if missing:
+            parts.append(f'missing tensors: {_describe(missing)}')
+        if unknown:
+            parts.append(f'unexpected tensors: {_describe(sorted(unknown))}')
+        if misshaped:
+            parts.append(f'mis-shaped tensors: {_describe(misshaped, 3)}')
+        raise CheckpointError(f'checkpoint {source} does not match the model: ' + '; '.join(parts))
+    logging.debug('loaded %d tensors from %s', len(seen), source)
+    return module
+
+
+def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition('.')
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:  # pragma: no cover - module_tensor_shapes only lists parameters and buffers
+        raise CheckpointError(f'{name} is neither a parameter nor a buffer')
+
+
+def save_sharded_safetensors(state_dict: Dict[str, torch.Tensor], folder: str,
+                             max_shard_bytes: int) -> List[str]:
+    """Write `state_dict` in the released DiT layout: shards + index json (diffusers naming)."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    shards: List[Dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state_dict.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    n = len(shards)
+    weight_map, files = {}, []
+    for i, shard in enumerate(shards):
+        fname = (f'diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors'
+                 if n > 1 else SAFETENSORS_SINGLE)
+        save_file(shard, os.path.join(folder, fname), metadata={'format': 'pt'})
+        files.append(fname)
+        weight_map.update({k: fname for k in shard})
+    if n > 1:
+        total = sum(t.numel() * t.element_size() for t in state_dict.values())
+        with open(os.path.join(folder, SAFETENSORS_INDEX), 'w') as f:
+            json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
+    return files
