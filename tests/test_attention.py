@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from wan.modules import attention as attn_mod
+from wan.modules.attention import set_default_backend
 from wan.modules.attention import attention, flash_attention, resolve_backend
 
 
@@ -55,6 +55,6 @@ def test_backend_resolution_on_cpu():
     with pytest.raises(RuntimeError, match='needs a CUDA device'):
         resolve_backend('fa3', 'cpu')
     with pytest.raises(ValueError, match='unknown attention backend'):
-        attn_mod.set_default_backend('nope')
+        set_default_backend('nope')
     with pytest.raises(ValueError, match='dropout'):
         attention(*(torch.randn(1, 2, 1, 4) for _ in range(3)), dropout_p=0.1)

@@ -1,0 +1,583 @@
+"""Benchmark the reference path (WanT2V) against the optimized one (WanT2VOptimized).
+
+Both modes run in one process on the same weights (the optimized mode upgrades the very same
+pipeline in place with optimize_pipeline), the same seed and the same prompt, so that speed-up
+ratios and output agreement come from one run on one GPU.
+
+    python benchmark_t2v.py --mode both --size 1280*720 --sample_steps 4 --save_results
+    python benchmark_t2v.py --mode optimized --size 832*480 --ablate --save_results
+    python benchmark_t2v.py --task t2v-tiny --mode both            # CPU smoke test
+
+Measured per mode: model build/load, T5 encode, DiT time per denoising step for each expert
+(CUDA events, median over the steps after --warmup), expert switch/offload cost, VAE decode,
+end-to-end generate(), peak GPU memory, first-step overhead (compile included), achieved
+TFLOP/s. Measured once: the ceilings (bf16 GEMM rate, every available attention kernel at
+this size) and from them the floor per forward. 40-step totals are labelled "projected from
+measured stages". A short benchmark needs both experts to run in few steps, so by default the
+boundary is moved to split the steps evenly between the experts (recorded in the JSON); the
+projection uses the real 40-step split (26 high-noise, 14 low-noise for t2v-A14B).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Dict, List, Optional
+
+import torch
+
+TOGGLES = ('batched_cfg', 'per_sample_time', 'fast_rope', 'bf16_weights', 'compile', 'tf32',
+           'vae_cudnn_benchmark')
+
+
+# ----------------------------------------------------------------------------- timing
+class Timer:
+    """Wall time on CPU; CUDA events bracketed by synchronisation on GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == 'cuda'
+
+    @contextmanager
+    def __call__(self, out: list):
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            torch.cuda.synchronize()
+            out.append(start.elapsed_time(end) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            yield
+            out.append(time.perf_counter() - t0)
+
+
+def instrument(pipe, timer: Timer) -> Dict[str, list]:
+    """Wrap the pipeline's stage hooks with timers; returns the lists they fill."""
+    rec = {'t5': [], 'switch': [], 'step': [], 'step_expert': [], 'decode': []}
+    boundary_t = pipe.boundary * pipe.num_train_timesteps
+    hooks = {'_encode_text': 't5', '_prepare_model_for_timestep': 'switch',
+             '_predict_noise': 'step', 'decode': 'decode'}
+    for attr, key in hooks.items():
+        fn = getattr(type(pipe), attr)
+
+        def wrapped(*a, _fn=fn, _key=key, **k):
+            with timer(rec[_key]):
+                out = _fn(pipe, *a, **k)
+            if _key == 'step':
+                rec['step_expert'].append('high' if a[2].item() >= boundary_t else 'low')
+            return out
+
+        setattr(pipe, attr, wrapped)
+    return rec
+
+
+def uninstrument(pipe) -> None:
+    for attr in ('_encode_text', '_prepare_model_for_timestep', '_predict_noise', 'decode'):
+        pipe.__dict__.pop(attr, None)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def forward_flops(cfg, tokens: int) -> Dict[str, float]:
+    d, f, n, ctx = cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.text_len
+    gemm = n * (12 * tokens * d * d + 4 * tokens * d * f + 4 * ctx * d * d)
+    attn = n * 4 * tokens * tokens * d
+    cross = n * 4 * tokens * ctx * d
+    return {'gemm': float(gemm), 'self_attention': float(attn), 'cross_attention': float(cross),
+            'total': float(gemm + attn + cross)}
+
+
+def measure_ceilings(cfg, tokens: int, device: torch.device, reps: int = 5) -> dict:
+    """bf16 GEMM rate and each available attention kernel's time at this size."""
+    from wan.modules.attention import attention, available_backends
+    out = {'gemm_bf16_tflops': None, 'attention': {}}
+    if device.type != 'cuda':
+        return out
+    timer = Timer(device)
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps * 2):
+        with timer(times):
+            a @ b
+    out['gemm_bf16_tflops'] = 2 * n**3 / statistics.median(times) / 1e12
+    del a, b
+    h, hd = cfg.num_heads, cfg.dim // cfg.num_heads
+    q, k, v = (torch.randn(1, tokens, h, hd, device=device, dtype=torch.bfloat16)
+               for _ in range(3))
+    flops = 4 * tokens * tokens * h * hd
+    for backend in available_backends():
+        try:
+            attention(q, k, v, backend=backend)
+            times = []
+            for _ in range(reps):
+                with timer(times):
+                    attention(q, k, v, backend=backend)
+            t = statistics.median(times)
+            out['attention'][backend] = {'seconds': t, 'tflops': flops / t / 1e12}
+        except Exception as exc:  # a kernel that is importable but fails at this shape
+            out['attention'][backend] = {'error': repr(exc)[:200]}
+    del q, k, v
+    torch.cuda.empty_cache()
+    return out
+
+
+def floor_per_forward(cfg, tokens: int, ceilings: dict) -> Optional[dict]:
+    ok = {k: v['seconds'] for k, v in ceilings['attention'].items() if 'seconds' in v}
+    if not ok or not ceilings['gemm_bf16_tflops']:
+        return None
+    best = min(ok, key=ok.get)
+    gemm_s = forward_flops(cfg, tokens)['gemm'] / (ceilings['gemm_bf16_tflops'] * 1e12)
+    attn_s = cfg.num_layers * ok[best]
+    return {'attention_kernel': best, 'attention_seconds': attn_s, 'gemm_seconds': gemm_s,
+            'seconds': attn_s + gemm_s}
+
+
+# ----------------------------------------------------------------------------- one mode
+def summarize_steps(rec: dict, warmup: int) -> dict:
+    res = {}
+    for expert in ('high', 'low'):
+        times = [t for t, e in zip(rec['step'], rec['step_expert']) if e == expert]
+        timed = times[warmup:] if len(times) > warmup else times[-1:]
+        res[expert] = {
+            'all_seconds': times,
+            'median_seconds': statistics.median(timed) if timed else None,
+            'first_step_overhead_seconds':
+                (times[0] - statistics.median(timed)) if times and timed else None,
+            'timed_steps': len(timed) if times else 0,
+        }
+    return res
+
+
+def run_mode(pipe, args, size, label: str, seed: int, offload_model: bool,
+             generate_kwargs: dict) -> dict:
+    device = pipe.device
+    timer = Timer(device)
+    rec = instrument(pipe, timer)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    logging.info('[%s] generate: %s, %d frames, %d steps', label, args.size, args.frame_num,
+                 args.sample_steps)
+    e2e = []
+    video = None
+    for run in range(args.num_runs):
+        rec_run_start = len(rec['step'])
+        with timer(e2e):
+            video = pipe.generate(args.prompt, size=size, frame_num=args.frame_num,
+                                  shift=args.sample_shift, sample_solver=args.sample_solver,
+                                  sampling_steps=args.sample_steps, guide_scale=args.guide_scale,
+                                  seed=seed, offload_model=offload_model, **generate_kwargs)
+        logging.info('[%s] run %d: %.2f s (%d steps)', label, run, e2e[-1],
+                     len(rec['step']) - rec_run_start)
+    uninstrument(pipe)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
+    steps = summarize_steps(rec, args.warmup)
+    return {'label': label, 'end_to_end_seconds': e2e, 't5_seconds': rec['t5'],
+            'switch_seconds': rec['switch'], 'decode_seconds': rec['decode'],
+            'steps': steps, 'peak_gpu_gib': peak, 'video': video,
+            'latent_stats': None}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = (a.float().clamp(-1, 1) + 1) / 2
+    b = (b.float().clamp(-1, 1) + 1) / 2
+    mse = torch.mean((a - b) ** 2).item()
+    return float('inf') if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def project_40(cfg, mode: dict, steps_high: int, steps_low: int) -> Optional[float]:
+    s = mode['steps']
+    if s['high']['median_seconds'] is None or s['low']['median_seconds'] is None:
+        return None
+    t5 = statistics.median(mode['t5_seconds']) if mode['t5_seconds'] else 0.0
+    dec = statistics.median(mode['decode_seconds']) if mode['decode_seconds'] else 0.0
+    switch = sum(mode['switch_seconds']) / max(1, len(mode['end_to_end_seconds']))
+    return t5 + steps_high * s['high']['median_seconds'] + \
+        steps_low * s['low']['median_seconds'] + switch + dec
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--mode', choices=['baseline', 'optimized', 'both'], default='both')
+    p.add_argument('--task', default='t2v-A14B')
+    p.add_argument('--size', default=None, help='W*H (default 1280*720; t2v-tiny: 128*64)')
+    p.add_argument('--frame_num', type=int, default=None)
+    p.add_argument('--sample_steps', type=int, default=4)
+    p.add_argument('--sample_shift', type=float, default=None)
+    p.add_argument('--sample_solver', default='unipc', choices=['unipc', 'dpm++'])
+    p.add_argument('--boundary', default='auto',
+                   help="'auto' splits the steps evenly between the experts; 'config' keeps "
+                        "the config's boundary; or a number in (0, 1)")
+    p.add_argument('--warmup', type=int, default=1, help='steps per expert excluded from '
+                                                         'the medians')
+    p.add_argument('--num_runs', type=int, default=1)
+    p.add_argument('--ckpt_dir', default=None, help='real weights (default: --random_init)')
+    p.add_argument('--random_init', action='store_true', default=False)
+    p.add_argument('--prompt', default='A red fox trots through fresh snow at dawn, cinematic.')
+    p.add_argument('--seed', type=int, default=42)
+    p.add_argument('--convert_model_dtype', dest='convert_model_dtype', action='store_true',
+                   default=True, help='bf16 experts in both modes (default; the reference '
+                                      'README setting for 80 GB GPUs)')
+    p.add_argument('--no-convert_model_dtype', dest='convert_model_dtype', action='store_false')
+    p.add_argument('--baseline_attention', default='reference',
+                   help="the reference path's kernel ('reference': what upstream would use)")
+    p.add_argument('--same_kernel_baseline', action='store_true', default=False,
+                   help='also time the reference path with the optimized kernel')
+    # optimized toggles
+    p.add_argument('--attention', default='auto')
+    p.add_argument('--compile_mode', default='default')
+    for t in TOGGLES:
+        p.add_argument(f'--no-{t}', dest=t, action='store_false', default=(t != 'tf32'))
+        p.add_argument(f'--{t}', dest=t, action='store_true')
+    p.add_argument('--ablate', nargs='*', default=None,
+                   help='optimized mode again with each listed toggle off in turn (default: '
+                        'all that are on); DiT steps only')
+    p.add_argument('--ablate_steps', type=int, default=4)
+    p.add_argument('--profile', action='store_true', help='torch.profiler breakdown of one '
+                                                          'forward per mode')
+    p.add_argument('--output', default=None, help='JSON path')
+    p.add_argument('--save_results', action='store_true',
+                   help='write JSON under bench/results/ (default name from GPU and size)')
+    return p.parse_args(argv)
+
+
+def git_commit() -> Optional[str]:
+    try:
+        return subprocess.check_output(['git', 'rev-parse', 'HEAD'], text=True,
+                                       stderr=subprocess.DEVNULL,
+                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+    except Exception:
+        return os.environ.get('GIT_COMMIT')
+
+
+def environment(device) -> dict:
+    from wan.modules.attention import available_backends
+    env = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'python': platform.python_version(),
+           'platform': platform.platform(), 'device': str(device), 'gpu': None,
+           'attention_backends': available_backends(), 'git_commit': git_commit(),
+           'command': ' '.join([os.path.basename(sys.executable), *sys.argv]),
+           'date_utc': datetime.now(timezone.utc).isoformat(timespec='seconds')}
+    if device.type == 'cuda':
+        prop = torch.cuda.get_device_properties(device)
+        env['gpu'] = prop.name
+        env['gpu_memory_gib'] = prop.total_memory / 2**30
+        env['gpu_capability'] = f'{prop.major}.{prop.minor}'
+        try:
+            env['cudnn'] = torch.backends.cudnn.version()
+        except Exception:
+            pass
+    return env
+
+
+def choose_boundary(pipe, args) -> Optional[float]:
+    if args.boundary == 'config':
+        return None
+    if args.boundary != 'auto':
+        return float(args.boundary)
+    _, timesteps = pipe.make_scheduler(args.sample_solver, args.sample_steps, args.sample_shift,
+                                       'cpu')
+    ts = timesteps.tolist()
+    half = len(ts) // 2
+    if half == 0:
+        return None
+    # the largest boundary that sends the first half of the steps to the high-noise expert
+    return (ts[half - 1] + ts[half]) / 2 / pipe.num_train_timesteps
+
+
+def profile_forward(pipe, model, size, frame_num, label) -> dict:
+    """CUDA time of one batch-1 forward of `model`, grouped by kernel family."""
+    from torch.profiler import ProfilerActivity, profile
+    shape = pipe.target_shape(size, frame_num)
+    seq_len = shape[1] * shape[2] * shape[3] // 4
+    lat = torch.randn(*shape, device=pipe.device)
+    ctx = torch.randn(20, pipe.config.get('text_dim', 4096), device=pipe.device,
+                      dtype=torch.bfloat16)
+    t = torch.tensor([900], device=pipe.device)
+    with pipe._autocast(), torch.no_grad():
+        model([lat], t=t, context=[ctx], seq_len=seq_len)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model([lat], t=t, context=[ctx], seq_len=seq_len)
+            torch.cuda.synchronize()
+    groups: Dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, 'device_time_total', None) or getattr(evt, 'cuda_time_total', 0)
+        if not us or evt.key.startswith(('ProfilerStep', 'aten::', 'cuda')):
+            continue
+        groups[_kernel_family(evt.key)] = groups.get(_kernel_family(evt.key), 0.0) + us / 1e6
+    total = sum(groups.values())
+    logging.info('[%s] profile: %s', label, {k: round(v, 3) for k, v in groups.items()})
+    return {'seconds_by_family': groups, 'total_seconds': total}
+
+
+def _kernel_family(name: str) -> str:
+    n = name.lower()
+    if any(s in n for s in ('flash', 'fmha', 'attention', 'cudnn_generated_fort_native_sdpa',
+                            'sdpa')):
+        return 'attention'
+    if any(s in n for s in ('gemm', 'sm90_xmma', 'cutlass', 'nvjet', 'cublas', 'matmul')):
+        return 'gemm'
+    if 'triton' in n:
+        return 'fused_triton'
+    if 'conv' in n:
+        return 'conv'
+    if any(s in n for s in ('reduce', 'norm', 'softmax')):
+        return 'reduction_norm'
+    if any(s in n for s in ('copy', 'cat', 'memcpy', 'memset', 'fill')):
+        return 'copy_cast'
+    if any(s in n for s in ('elementwise', 'vectorized', 'unrolled', 'pow', 'mul', 'add')):
+        return 'elementwise'
+    return 'other'
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
+                        format='[%(asctime)s] %(levelname)s: %(message)s')
+    from wan.configs import SIZE_CONFIGS, SUPPORTED_SIZES, WAN_CONFIGS
+    from wan.text2video import WanT2V
+    from wan.text2video_optimized import WanT2VOptimized, optimize_pipeline
+    from wan.utils.memory_plan import tokens_for
+
+    cfg = WAN_CONFIGS[args.task]
+    if args.size is None:
+        args.size = '1280*720' if '1280*720' in SUPPORTED_SIZES[args.task] \
+            else SUPPORTED_SIZES[args.task][0]
+    if args.size not in SUPPORTED_SIZES[args.task]:
+        raise SystemExit(f'unsupported size {args.size} for {args.task}: '
+                         f'{SUPPORTED_SIZES[args.task]}')
+    args.frame_num = args.frame_num or cfg.frame_num
+    args.sample_shift = args.sample_shift or cfg.sample_shift
+    args.guide_scale = cfg.sample_guide_scale
+    if args.ckpt_dir is None:
+        args.random_init = True
+    size = SIZE_CONFIGS[args.size]
+    tokens = tokens_for(size, args.frame_num, cfg.vae_stride, cfg.patch_size)
+
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    result = {'schema': 'wan-fast-benchmark/1', 'env': environment(device),
+              'settings': {k: v for k, v in vars(args).items() if k != 'guide_scale'},
+              'task': args.task, 'size': args.size, 'frame_num': args.frame_num,
+              'tokens': tokens, 'sample_steps': args.sample_steps,
+              'flops_per_forward': forward_flops(cfg, tokens), 'modes': {}}
+    timer = Timer(device)
+
+    logging.info('measuring ceilings (bf16 GEMM, attention kernels at L=%d)', tokens)
+    result['ceilings'] = measure_ceilings(cfg, tokens, device)
+    result['floor_per_forward'] = floor_per_forward(cfg, tokens, result['ceilings'])
+
+    build = []
+    with timer(build):
+        pipe = WanT2V(cfg, args.ckpt_dir, convert_model_dtype=args.convert_model_dtype,
+                      random_init=args.random_init, random_init_seed=0)
+    result['build_seconds'] = build[0]
+    boundary = choose_boundary(pipe, args)
+    if boundary is not None:
+        pipe.boundary = boundary
+    result['boundary_used'] = pipe.boundary
+    _, ts = pipe.make_scheduler(args.sample_solver, 40, cfg.sample_shift, 'cpu')
+    high40 = int((ts >= cfg.boundary * cfg.num_train_timesteps).sum())
+    result['projection_split_40'] = {'high': high40, 'low': 40 - high40}
+
+    from wan.modules.attention import resolve_backend
+    modes = ['baseline', 'optimized'] if args.mode == 'both' else [args.mode]
+    videos = {}
+    if 'baseline' in modes:
+        for m in (pipe.low_noise_model, pipe.high_noise_model):
+            m.options.attn_backend = resolve_backend(args.baseline_attention,
+                                                              pipe.device)
+        r = run_mode(pipe, args, size, 'baseline', args.seed, offload_model=True,
+                     generate_kwargs={})
+        r['attention_backend'] = pipe.low_noise_model.options.attn_backend
+        videos['baseline'] = r.pop('video')
+        result['modes']['baseline'] = r
+        if args.profile and device.type == 'cuda':
+            pipe.low_noise_model.to(pipe.device)
+            r['profile'] = profile_forward(pipe, pipe.low_noise_model, size, args.frame_num,
+                                           'baseline')
+            pipe.low_noise_model.to('cpu')
+        if args.same_kernel_baseline and 'optimized' in modes:
+            kernel = resolve_backend(args.attention, pipe.device)
+            for m in (pipe.low_noise_model, pipe.high_noise_model):
+                m.options.attn_backend = kernel
+            r2 = run_mode(pipe, args, size, f'baseline+{kernel}', args.seed,
+                          offload_model=True, generate_kwargs={})
+            r2['attention_backend'] = kernel
+            r2.pop('video')
+            result['modes']['baseline_same_kernel'] = r2
+
+    if 'optimized' in modes:
+        toggles = {t: getattr(args, t) for t in TOGGLES}
+        t0 = time.perf_counter()
+        optimize_pipeline(pipe, attention=args.attention, compile_mode=args.compile_mode,
+                          **toggles)
+        setup = time.perf_counter() - t0
+        plan = pipe.plan_for(size, args.frame_num, offload_model=False)
+        r = run_mode(pipe, args, size, 'optimized', args.seed, offload_model=False,
+                     generate_kwargs={})
+        r['setup_seconds'] = setup
+        r['attention_backend'] = pipe.attention_backend
+        r['toggles'] = pipe.opt.as_dict()
+        r['memory_plan'] = plan.as_dict()
+        videos['optimized'] = r.pop('video')
+        result['modes']['optimized'] = r
+        if args.profile and device.type == 'cuda':
+            r['profile'] = profile_forward(pipe, pipe.low_noise_model, size, args.frame_num,
+                                           'optimized')
+        if args.ablate is not None:
+            result['ablation'] = run_ablation(pipe, args, size, toggles)
+
+    # ------------------------------------------------------------------ derived numbers
+    flops = result['flops_per_forward']['total']
+    for name, r in result['modes'].items():
+        for expert in ('high', 'low'):
+            s = r['steps'][expert]
+            if s['median_seconds']:
+                s['achieved_tflops'] = 2 * flops / s['median_seconds'] / 1e12
+                s['seconds_per_forward'] = s['median_seconds'] / 2
+        r['projected_40_step_seconds'] = project_40(cfg, r, high40, 40 - high40)
+        r['projection_note'] = 'projected from measured stages: T5 + 26 x high-noise step + ' \
+                               '14 x low-noise step + switches + VAE decode'
+    if 'baseline' in result['modes'] and 'optimized' in result['modes']:
+        b, o = result['modes']['baseline'], result['modes']['optimized']
+        result['speedup'] = _speedups(b, o)
+        if 'baseline_same_kernel' in result['modes']:
+            result['speedup_same_kernel'] = _speedups(result['modes']['baseline_same_kernel'], o)
+        vb, vo = videos['baseline'], videos['optimized']
+        result['agreement'] = {'psnr_db': psnr(vb, vo),
+                               'max_abs_diff': (vb.float() - vo.float()).abs().max().item(),
+                               'mean_abs_diff': (vb.float() - vo.float()).abs().mean().item(),
+                               'video_shape': list(vb.shape),
+                               'video_std_baseline': vb.float().std().item()}
+    floor = result['floor_per_forward']
+    if floor and 'optimized' in result['modes']:
+        for expert in ('high', 'low'):
+            s = result['modes']['optimized']['steps'][expert]
+            if s['median_seconds']:
+                s['ratio_to_floor'] = s['median_seconds'] / (2 * floor['seconds'])
+
+    path = args.output
+    if args.save_results and path is None:
+        gpu = (result['env']['gpu'] or 'cpu').replace(' ', '_').replace('/', '_')
+        stamp = datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')
+        path = os.path.join('bench', 'results',
+                            f'{gpu}_{args.task}_{args.size.replace("*", "x")}_{args.mode}_'
+                            f'{stamp}.json')
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, 'w') as f:
+            json.dump(result, f, indent=2, default=str)
+        logging.info('results written to %s', path)
+        result['output_path'] = path
+    print_table(result)
+    return result
+
+
+def _speedups(b: dict, o: dict) -> dict:
+    out = {}
+    for expert in ('high', 'low'):
+        bs, os_ = b['steps'][expert]['median_seconds'], o['steps'][expert]['median_seconds']
+        out[f'step_{expert}'] = bs / os_ if bs and os_ else None
+    pb, po = b.get('projected_40_step_seconds'), o.get('projected_40_step_seconds')
+    out['projected_40_step'] = pb / po if pb and po else None
+    db, do = b['decode_seconds'], o['decode_seconds']
+    out['vae_decode'] = statistics.median(db) / statistics.median(do) if db and do else None
+    return out
+
+
+def run_ablation(pipe, args, size, toggles: dict) -> dict:
+    """Each listed toggle off in turn (others as given), DiT step time only."""
+    from wan.text2video_optimized import OptimizationConfig
+    names = args.ablate or [t for t, on in toggles.items() if on and t != 'vae_cudnn_benchmark']
+    steps = args.ablate_steps
+    saved = (args.sample_steps, args.num_runs)
+    args.sample_steps, args.num_runs = steps, 1
+    out = {}
+    try:
+        for name in ['none'] + names:
+            t = dict(toggles)
+            if name != 'none':
+                t[name] = False
+            pipe._setup_optimizations(OptimizationConfig(attention=args.attention,
+                                                         compile_mode=args.compile_mode, **t))
+            boundary = choose_boundary(pipe, args)
+            if boundary is not None:
+                pipe.boundary = boundary
+            r = run_mode(pipe, args, size, f'ablate:{name}-off', args.seed,
+                         offload_model=False, generate_kwargs={})
+            r.pop('video')
+            out[name] = {'steps': r['steps'], 'peak_gpu_gib': r['peak_gpu_gib'],
+                         'toggles': t}
+    finally:
+        args.sample_steps, args.num_runs = saved
+    return out
+
+
+def _fmt(x, unit='', nd=2):
+    return '-' if x is None else f'{x:.{nd}f}{unit}'
+
+
+def print_table(result: dict) -> None:
+    env = result['env']
+    lines = [f"GPU {env['gpu'] or 'cpu'} | torch {env['torch']} | {result['task']} "
+             f"{result['size']} x {result['frame_num']} frames | L={result['tokens']} | "
+             f"{result['sample_steps']} steps"]
+    floor = result.get('floor_per_forward')
+    if floor:
+        lines.append(f"floor per forward {floor['seconds']:.2f} s (attention "
+                     f"{floor['attention_seconds']:.2f} s with {floor['attention_kernel']}, GEMM "
+                     f"{floor['gemm_seconds']:.2f} s); GEMM "
+                     f"{result['ceilings']['gemm_bf16_tflops']:.0f} TFLOP/s")
+    lines.append(f"{'mode':<22}{'kernel':<12}{'step hi':>9}{'step lo':>9}{'T5':>7}"
+                 f"{'switch':>8}{'VAE':>7}{'e2e':>8}{'proj40':>8}{'peakGiB':>9}")
+    for name, r in result['modes'].items():
+        s = r['steps']
+        lines.append(f"{name:<22}{str(r.get('attention_backend')):<12}"
+                     f"{_fmt(s['high']['median_seconds']):>9}{_fmt(s['low']['median_seconds']):>9}"
+                     f"{_fmt(statistics.median(r['t5_seconds']) if r['t5_seconds'] else None):>7}"
+                     f"{_fmt(sum(r['switch_seconds'])):>8}"
+                     f"{_fmt(statistics.median(r['decode_seconds']) if r['decode_seconds'] else None):>7}"
+                     f"{_fmt(statistics.median(r['end_to_end_seconds'])):>8}"
+                     f"{_fmt(r.get('projected_40_step_seconds'), '', 0):>8}"
+                     f"{_fmt(r['peak_gpu_gib'], '', 1):>9}")
+    if 'speedup' in result:
+        sp = result['speedup']
+        lines.append(f"speed-up per step: high {_fmt(sp['step_high'], 'x')} low "
+                     f"{_fmt(sp['step_low'], 'x')}; projected 40-step "
+                     f"{_fmt(sp['projected_40_step'], 'x')}; VAE {_fmt(sp['vae_decode'], 'x')}")
+    if 'speedup_same_kernel' in result:
+        sp = result['speedup_same_kernel']
+        lines.append(f"speed-up vs reference with the same kernel: high "
+                     f"{_fmt(sp['step_high'], 'x')} low {_fmt(sp['step_low'], 'x')}")
+    if 'agreement' in result:
+        a = result['agreement']
+        lines.append(f"agreement: PSNR {_fmt(a['psnr_db'], ' dB')}, max abs diff "
+                     f"{_fmt(a['max_abs_diff'], '', 4)}")
+    opt = result['modes'].get('optimized')
+    if opt and opt['steps']['high'].get('ratio_to_floor'):
+        lines.append(f"optimized step / floor: high {opt['steps']['high']['ratio_to_floor']:.3f}"
+                     f" low {_fmt(opt['steps']['low'].get('ratio_to_floor'), '', 3)}")
+    for name, r in (result.get('ablation') or {}).items():
+        s = r['steps']
+        lines.append(f"ablation {name + ' off':<26} step hi {_fmt(s['high']['median_seconds'])}"
+                     f" lo {_fmt(s['low']['median_seconds'])} peak {_fmt(r['peak_gpu_gib'], '', 1)}")
+    print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,1 @@
+"""Multi-GPU support: FSDP sharding, Ulysses sequence parallelism, CFG parallelism."""

@@ -1,0 +1,349 @@
+"""WanT2V: the reference text-to-video pipeline (REFERENCE.md §7).
+
+Two DiT experts switched on the integer timestep (high noise for t >= boundary), the umT5
+encoder, the Wan2.1 VAE and a flow-matching solver. This class computes what the reference
+computes; `WanT2VOptimized` (wan/text2video_optimized.py) overrides the hooks marked below to
+run the same math faster.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import random
+import sys
+from contextlib import contextmanager
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .modules.model import ForwardOptions, WanModel
+from .modules.t5 import T5EncoderModel
+from .modules.vae2_1 import Wan2_1_VAE
+from .utils.fm_solvers import (FlowDPMSolverMultistepScheduler, get_sampling_sigmas,
+                               retrieve_timesteps)
+from .utils.fm_solvers_unipc import FlowUniPCMultistepScheduler
+
+__all__ = ['WanT2V', 'check_checkpoint_dir']
+
+T5_ARCH_KEYS = {'t5_vocab_size': 'vocab_size', 't5_dim': 'dim', 't5_dim_attn': 'dim_attn',
+                't5_dim_ffn': 'dim_ffn', 't5_num_heads': 'num_heads',
+                't5_num_layers': 'encoder_layers', 't5_num_buckets': 'num_buckets'}
+
+
+def check_checkpoint_dir(config, checkpoint_dir: str) -> None:
+    """Fail before building anything if a file the pipeline needs is missing.
+
+    The message names every missing item and where it was looked for.
+    """
+    if not checkpoint_dir or not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f'checkpoint directory not found: {checkpoint_dir!r} '
+                                f'(looked for {os.path.abspath(checkpoint_dir or ".")})')
+    missing = []
+    for rel, kind in [(config.t5_checkpoint, 'file'), (config.vae_checkpoint, 'file'),
+                      (config.t5_tokenizer, 'dir')]:
+        path = os.path.join(checkpoint_dir, rel)
+        if not (os.path.isfile(path) if kind == 'file' else os.path.isdir(path)):
+            missing.append(path)
+    for sub in (config.low_noise_checkpoint, config.high_noise_checkpoint):
+        folder = os.path.join(checkpoint_dir, sub)
+        if not os.path.isfile(os.path.join(folder, 'config.json')):
+            missing.append(os.path.join(folder, 'config.json'))
+        if not any(os.path.isfile(os.path.join(folder, f)) for f in (
+                'diffusion_pytorch_model.safetensors.index.json',
+                'diffusion_pytorch_model.safetensors')):
+            missing.append(os.path.join(folder, 'diffusion_pytorch_model.safetensors[.index.json]'))
+    if missing:
+        raise FileNotFoundError(
+            f'checkpoint {os.path.abspath(checkpoint_dir)} is incomplete; missing: '
+            + ', '.join(missing))
+
+
+class WanT2V:
+
+    def __init__(self,
+                 config,
+                 checkpoint_dir: Optional[str],
+                 device_id: int = 0,
+                 rank: int = 0,
+                 t5_fsdp: bool = False,
+                 dit_fsdp: bool = False,
+                 use_sp: bool = False,
+                 t5_cpu: bool = False,
+                 init_on_cpu: bool = True,
+                 convert_model_dtype: bool = False,
+                 *,
+                 random_init: bool = False,
+                 random_init_seed: int = 0,
+                 device: Optional[Union[str, torch.device]] = None):
+        """Build the pipeline from `checkpoint_dir` (REFERENCE.md §3 layout).
+
+        Keyword-only additions: `random_init` builds every component with deterministic
+        random weights (seeded by `random_init_seed`) instead of reading a checkpoint, with
+        the experts materialised directly on the GPU; `device` overrides the device (default
+        `cuda:{device_id}`, or the CPU when CUDA is absent).
+        """
+        self.device = torch.device(device) if device is not None else (
+            torch.device(f'cuda:{device_id}') if torch.cuda.is_available()
+            else torch.device('cpu'))
+        self.config = config
+        self.rank = rank
+        self.t5_cpu = t5_cpu
+        self.init_on_cpu = init_on_cpu
+        self.num_train_timesteps = config.num_train_timesteps
+        self.boundary = config.boundary
+        self.param_dtype = config.param_dtype
+        if t5_fsdp or dit_fsdp or use_sp:
+            self.init_on_cpu = False
+        if not random_init:
+            check_checkpoint_dir(config, checkpoint_dir)
+        self.random_init = random_init
+
+        if convert_model_dtype and self.device.type != 'cuda':
+            # CPU autocast has no fp32 mode, so bf16 weights could not be upcast inside the
+            # fp32 islands; on CPU the experts keep fp32 weights (numerically the reference
+            # default without --convert_model_dtype).
+            logging.info('convert_model_dtype ignored on %s', self.device)
+            convert_model_dtype = False
+
+        shard_fn = None
+        if t5_fsdp or dit_fsdp:
+            from .distributed.fsdp import shard_model
+            shard_fn = lambda m: shard_model(m, device_id=device_id)  # noqa: E731
+
+        t5_arch = {v: config[k] for k, v in T5_ARCH_KEYS.items() if k in config}
+        logging.info('loading %s', 'random T5 weights' if random_init else
+                     os.path.join(checkpoint_dir, config.t5_checkpoint))
+        # random weights are drawn where the fill is fast (the GPU), then kept on the CPU
+        # like a loaded checkpoint
+        self.text_encoder = T5EncoderModel(
+            text_len=config.text_len,
+            dtype=config.t5_dtype,
+            device=self.device if random_init else torch.device('cpu'),
+            checkpoint_path=None if random_init else os.path.join(checkpoint_dir,
+                                                                  config.t5_checkpoint),
+            tokenizer_path=os.path.join(checkpoint_dir, config.t5_tokenizer)
+            if checkpoint_dir else None,
+            shard_fn=shard_fn if t5_fsdp else None,
+            arch=t5_arch or None,
+            random_init_seed=random_init_seed if random_init else None)
+        self.text_encoder.model.to('cpu')
+
+        self.vae_stride = config.vae_stride
+        self.patch_size = config.patch_size
+        logging.info('loading %s', 'random VAE weights' if random_init else
+                     os.path.join(checkpoint_dir, config.vae_checkpoint))
+        self.vae = Wan2_1_VAE(
+            vae_pth=None if random_init else os.path.join(checkpoint_dir, config.vae_checkpoint),
+            device=self.device,
+            dim=config.get('vae_dim', 96),
+            random_init_seed=random_init_seed + 1 if random_init else None)
+
+        self.sp_size = 1
+        if use_sp:
+            from .distributed.util import get_world_size
+            self.sp_size = get_world_size()
+        # low-noise expert first, then high-noise, as the reference
+        self.low_noise_model = self._build_expert(config.low_noise_checkpoint, checkpoint_dir,
+                                                  random_init_seed + 2, use_sp, dit_fsdp,
+                                                  shard_fn, convert_model_dtype)
+        self.high_noise_model = self._build_expert(config.high_noise_checkpoint, checkpoint_dir,
+                                                   random_init_seed + 3, use_sp, dit_fsdp,
+                                                   shard_fn, convert_model_dtype)
+        self.sample_neg_prompt = config.sample_neg_prompt
+
+    # ------------------------------------------------------------------ construction
+    def _dit_kwargs(self) -> dict:
+        c = self.config
+        kw = dict(model_type='t2v', patch_size=c.patch_size, text_len=c.text_len, dim=c.dim,
+                  ffn_dim=c.ffn_dim, freq_dim=c.freq_dim, num_heads=c.num_heads,
+                  num_layers=c.num_layers, window_size=c.window_size, qk_norm=c.qk_norm,
+                  cross_attn_norm=c.cross_attn_norm, eps=c.eps)
+        if 'text_dim' in c:
+            kw['text_dim'] = c.text_dim
+        return kw
+
+    def _build_expert(self, subfolder, checkpoint_dir, seed, use_sp, dit_fsdp, shard_fn,
+                      convert_model_dtype) -> torch.nn.Module:
+        if self.random_init:
+            logging.info('Creating WanModel %s with random weights (seed %d)', subfolder, seed)
+            # Materialise where the weights will be used (no host copy of a 57 GB expert);
+            # the placement rules below then apply as for a loaded checkpoint.
+            dtype = self.param_dtype if convert_model_dtype else torch.float32
+            model = WanModel.from_random(seed=seed, device=self.device, dtype=dtype,
+                                         **self._dit_kwargs())
+        else:
+            logging.info('Creating WanModel from %s', os.path.join(checkpoint_dir, subfolder))
+            model = WanModel.from_pretrained(checkpoint_dir, subfolder=subfolder)
+        return self._configure_model(model, use_sp, dit_fsdp, shard_fn, convert_model_dtype)
+
+    def _configure_model(self, model, use_sp, dit_fsdp, shard_fn, convert_model_dtype):
+        model.eval().requires_grad_(False)
+        # attention runs in the compute dtype (bf16 for every released config)
+        half = (torch.bfloat16, torch.float16)
+        model.set_options(ForwardOptions(
+            attn_dtype=self.param_dtype if self.param_dtype in half else torch.float32))
+        if use_sp:
+            from .distributed.sequence_parallel import apply_sequence_parallel
+            apply_sequence_parallel(model)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if dit_fsdp:
+            model = shard_fn(model)
+        else:
+            if convert_model_dtype:
+                model.to(self.param_dtype)
+            if not self.init_on_cpu:
+                model.to(self.device)
+            elif self.random_init:
+                model.to('cpu')
+        return model
+
+    # ------------------------------------------------------------------ hooks
+    def _prepare_model_for_timestep(self, t, boundary, offload_model):
+        """Pick the expert for `t` and, when offloading, swap experts between CPU and GPU."""
+        if t.item() >= boundary:
+            required, offload = 'high_noise_model', 'low_noise_model'
+        else:
+            required, offload = 'low_noise_model', 'high_noise_model'
+        if offload_model or self.init_on_cpu:
+            other = getattr(self, offload)
+            if next(other.parameters()).device.type == 'cuda':
+                other.to('cpu')
+            model = getattr(self, required)
+            if next(model.parameters()).device.type == 'cpu' and self.device.type == 'cuda':
+                model.to(self.device)
+        return getattr(self, required)
+
+    def _encode_text(self, prompts: Sequence[str], offload_model: bool) -> List[torch.Tensor]:
+        """T5 contexts for each prompt, one encoder call per prompt as the reference."""
+        if not self.t5_cpu:
+            self.text_encoder.model.to(self.device)
+            out = [self.text_encoder([p], self.device)[0] for p in prompts]
+            if offload_model:
+                self.text_encoder.model.cpu()
+        else:
+            out = [self.text_encoder([p], torch.device('cpu'))[0].to(self.device)
+                   for p in prompts]
+        return out
+
+    def _predict_noise(self, model, latents: torch.Tensor, t: torch.Tensor,
+                       context: torch.Tensor, context_null: torch.Tensor, seq_len: int,
+                       guide_scale: float) -> torch.Tensor:
+        """Classifier-free guidance: conditional pass, then unconditional, combined in fp32."""
+        timestep = torch.stack([t])
+        cond = model([latents], t=timestep, context=[context], seq_len=seq_len)[0]
+        uncond = model([latents], t=timestep, context=[context_null], seq_len=seq_len)[0]
+        return uncond + guide_scale * (cond - uncond)
+
+    def _autocast(self):
+        half = (torch.bfloat16, torch.float16)
+        if self.param_dtype not in half:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.param_dtype)
+
+    @staticmethod
+    def make_scheduler(sample_solver: str, sampling_steps: int, shift: float, device,
+                       num_train_timesteps: int = 1000):
+        """Scheduler and its timesteps, built as the reference does (REFERENCE.md §6.1)."""
+        if sample_solver == 'unipc':
+            scheduler = FlowUniPCMultistepScheduler(num_train_timesteps=num_train_timesteps,
+                                                    shift=1, use_dynamic_shifting=False)
+            scheduler.set_timesteps(sampling_steps, device=device, shift=shift)
+            timesteps = scheduler.timesteps
+        elif sample_solver == 'dpm++':
+            scheduler = FlowDPMSolverMultistepScheduler(num_train_timesteps=num_train_timesteps,
+                                                        shift=1, use_dynamic_shifting=False)
+            sigmas = get_sampling_sigmas(sampling_steps, shift)
+            timesteps, _ = retrieve_timesteps(scheduler, device=device, sigmas=sigmas)
+        else:
+            raise NotImplementedError(f'unsupported solver {sample_solver!r} (unipc, dpm++)')
+        return scheduler, timesteps
+
+    # ------------------------------------------------------------------ generate
+    def target_shape(self, size: Tuple[int, int], frame_num: int) -> Tuple[int, int, int, int]:
+        """Latent shape (C, T', H', W') for `size` = (W, H)."""
+        return (self.vae.model.z_dim, (frame_num - 1) // self.vae_stride[0] + 1,
+                size[1] // self.vae_stride[1], size[0] // self.vae_stride[2])
+
+    def generate(self,
+                 input_prompt: str,
+                 size: Tuple[int, int] = (1280, 720),
+                 frame_num: int = 81,
+                 shift: float = 5.0,
+                 sample_solver: str = 'unipc',
+                 sampling_steps: int = 50,
+                 guide_scale: Union[float, Tuple[float, float]] = 5.0,
+                 n_prompt: str = '',
+                 seed: int = -1,
+                 offload_model: bool = True) -> Optional[torch.Tensor]:
+        """Generate a video; returns (3, F, H, W) in [-1, 1] on rank 0, None elsewhere.
+
+        `guide_scale` is one float for both experts or a (low-noise, high-noise) tuple.
+        """
+        if isinstance(guide_scale, (int, float)):
+            guide_scale = (float(guide_scale), float(guide_scale))
+        target_shape = self.target_shape(size, frame_num)
+        seq_len = math.ceil((target_shape[2] * target_shape[3]) /
+                            (self.patch_size[1] * self.patch_size[2]) *
+                            target_shape[1] / self.sp_size) * self.sp_size
+        if n_prompt == '':
+            n_prompt = self.sample_neg_prompt
+        seed = seed if seed >= 0 else random.randint(0, sys.maxsize)
+        seed_g = torch.Generator(device=self.device)
+        seed_g.manual_seed(seed)
+
+        context, context_null = self._encode_text([input_prompt, n_prompt], offload_model)
+        noise = torch.randn(*target_shape, dtype=torch.float32, device=self.device,
+                            generator=seed_g)
+        boundary = self.boundary * self.num_train_timesteps
+
+        with self._autocast(), torch.no_grad(), self._no_sync():
+            sample_scheduler, timesteps = self.make_scheduler(
+                sample_solver, sampling_steps, shift, self.device, self.num_train_timesteps)
+            latents = noise
+            for t in tqdm(timesteps, desc='denoising', disable=self.rank != 0):
+                model = self._prepare_model_for_timestep(t, boundary, offload_model)
+                scale = guide_scale[1] if t.item() >= boundary else guide_scale[0]
+                noise_pred = self._predict_noise(model, latents, t, context, context_null,
+                                                 seq_len, scale)
+                latents = sample_scheduler.step(noise_pred.unsqueeze(0), t,
+                                                latents.unsqueeze(0), return_dict=False,
+                                                generator=seed_g)[0].squeeze(0)
+            x0 = latents
+            if offload_model:
+                self.low_noise_model.cpu()
+                self.high_noise_model.cpu()
+                if self.device.type == 'cuda':
+                    torch.cuda.empty_cache()
+            videos = self.decode(x0) if self.rank == 0 else None
+
+        del noise, latents, sample_scheduler
+        if offload_model:
+            gc.collect()
+            if self.device.type == 'cuda':
+                torch.cuda.synchronize()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return videos
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Latent (16, T', H', W') -> video (3, F, H, W) in [-1, 1]."""
+        return self.vae.decode([x0])[0]
+
+    @contextmanager
+    def _no_sync(self):
+        """FSDP-wrapped experts skip gradient sync contexts; nothing to do otherwise."""
+        managers = [getattr(m, 'no_sync', None) for m in (self.low_noise_model,
+                                                          self.high_noise_model)]
+        managers = [m() for m in managers if m is not None]
+        for m in managers:
+            m.__enter__()
+        try:
+            yield
+        finally:
+            for m in reversed(managers):
+                m.__exit__(None, None, None)

@@ -1,0 +1,293 @@
+"""WanT2VOptimized: the same videos as WanT2V, faster on one GPU.
+
+Every optimization is a named toggle in `OptimizationConfig`. Those that keep the math (same
+operations, differences at the rounding level of the dtype) are on by default; TF32 for the
+fp32 matmuls changes the fp32 islands' precision and is opt-in.
+
+- batched_cfg: conditional and unconditional in one batch-2 forward (the memory plan may fall
+  back to two passes);
+- per_sample_time: time MLP and 6*dim projection once per sample, broadcast over tokens (the
+  reference runs them once per token: ~24 TFLOP of fp32 GEMM per 720p forward);
+- fast_rope: RoPE from a cached fp32 cos/sin table instead of float64 complex products;
+- attention: the fastest available kernel ('auto': FA3 > cuDNN SDPA > FA2 > SDPA);
+- bf16_weights: the matmul weights the reference casts to bf16 on every call under autocast
+  are stored in bf16 once; the fp32 islands (time MLP, head, norms, modulation) keep fp32;
+- compile: torch.compile of each transformer block (regional: one graph serves all 40 blocks
+  of both experts, so compile time stays small), fusing the elementwise work (modulation,
+  norms, RoPE, gates, residual adds) into few kernels;
+- resident experts and T5 placement chosen by the memory planner (wan/utils/memory_plan.py);
+- prompt-embedding cache: a prompt is encoded once per pipeline;
+- vae_cudnn_benchmark: cuDNN autotuning for the VAE decode convolutions (same math);
+- tf32 (opt-in): TF32 for the remaining fp32 matmuls.
+
+`optimize_pipeline(pipe, **toggles)` upgrades an existing WanT2V in place with the same code.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .modules.attention import resolve_backend
+from .modules.model import ForwardOptions, WanModel
+from .text2video import WanT2V
+from .utils.memory_plan import MemoryPlan, log_plan, plan_memory
+
+__all__ = ['WanT2VOptimized', 'OptimizationConfig', 'optimize_pipeline']
+
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+
+
+@dataclass
+class OptimizationConfig:
+    batched_cfg: bool = True
+    per_sample_time: bool = True
+    fast_rope: bool = True
+    attention: str = 'auto'
+    bf16_weights: bool = True
+    compile: bool = True
+    compile_mode: str = 'default'
+    resident: bool = True
+    prompt_cache: bool = True
+    vae_cudnn_benchmark: bool = True
+    tf32: bool = False
+
+    def __post_init__(self):
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f'compile_mode must be one of {COMPILE_MODES}, got '
+                             f'{self.compile_mode!r}')
+
+    @classmethod
+    def conservative(cls) -> 'OptimizationConfig':
+        """Every toggle off: the reference computation inside the optimized class."""
+        return cls(batched_cfg=False, per_sample_time=False, fast_rope=False,
+                   attention='reference', bf16_weights=False, compile=False, resident=False,
+                   prompt_cache=False, vae_cudnn_benchmark=False, tf32=False)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# weights the reference uses only under bf16 autocast (cast on every call): safe to store in
+# bf16. Everything else (time MLP, head, norms, modulation) is used inside fp32 islands.
+def _autocast_only_linear(name: str) -> bool:
+    if name.startswith('blocks.'):
+        return any(f'.{p}.' in f'.{name.split(".", 2)[2]}' for p in (
+            'self_attn.q', 'self_attn.k', 'self_attn.v', 'self_attn.o', 'cross_attn.q',
+            'cross_attn.k', 'cross_attn.v', 'cross_attn.o', 'ffn.0', 'ffn.2'))
+    return name.startswith(('text_embedding.', 'patch_embedding.'))
+
+
+def convert_matmul_weights_(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the autocast-only matmul weights and biases in `dtype`; returns tensors changed."""
+    changed = 0
+    for name, p in model.named_parameters():
+        if _autocast_only_linear(name) and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            changed += 1
+    return changed
+
+
+def _compile_blocks(model: WanModel, mode: str) -> None:
+    # nn.Module.compile replaces the module's call with a compiled one in place; identical
+    # blocks share one graph (parameters are graph inputs), so compile time is one block's.
+    for block in model.blocks:
+        block.compile(mode=mode, dynamic=False)
+
+
+class WanT2VOptimized(WanT2V):
+    """Drop-in WanT2V with exact-math speed-ups (see the module docstring)."""
+
+    def __init__(self,
+                 config,
+                 checkpoint_dir: Optional[str],
+                 device_id: int = 0,
+                 rank: int = 0,
+                 t5_fsdp: bool = False,
+                 dit_fsdp: bool = False,
+                 use_sp: bool = False,
+                 t5_cpu: bool = False,
+                 init_on_cpu: bool = True,
+                 convert_model_dtype: bool = False,
+                 *,
+                 enable_compile: bool = True,
+                 compile_mode: str = 'default',
+                 enable_tf32: bool = False,
+                 attention: str = 'auto',
+                 optimizations: Optional[OptimizationConfig] = None,
+                 random_init: bool = False,
+                 random_init_seed: int = 0,
+                 device: Optional[Union[str, torch.device]] = None):
+        super().__init__(config, checkpoint_dir, device_id=device_id, rank=rank,
+                         t5_fsdp=t5_fsdp, dit_fsdp=dit_fsdp, use_sp=use_sp, t5_cpu=t5_cpu,
+                         init_on_cpu=init_on_cpu, convert_model_dtype=convert_model_dtype,
+                         random_init=random_init, random_init_seed=random_init_seed,
+                         device=device)
+        opts = optimizations or OptimizationConfig(compile=enable_compile,
+                                                   compile_mode=compile_mode,
+                                                   tf32=enable_tf32, attention=attention)
+        self._setup_optimizations(opts)
+
+    # ------------------------------------------------------------------ setup
+    def _setup_optimizations(self, opts: OptimizationConfig) -> None:
+        self.opt = opts
+        self._prompt_cache: Dict[str, torch.Tensor] = {}
+        self._plan: Optional[MemoryPlan] = None
+        on_cuda = self.device.type == 'cuda'
+        if on_cuda:
+            # process-wide switches: set both ways so that toggling back restores the default
+            torch.backends.cuda.matmul.allow_tf32 = opts.tf32
+            torch.backends.cudnn.benchmark = opts.vae_cudnn_benchmark
+        self.attention_backend = resolve_backend(opts.attention, self.device)
+        half = (torch.bfloat16, torch.float16)
+        forward_options = ForwardOptions(
+            attn_backend=self.attention_backend,
+            attn_dtype=self.param_dtype if self.param_dtype in half else torch.float32,
+            per_sample_time=opts.per_sample_time, fast_rope=opts.fast_rope)
+        for model in (self.low_noise_model, self.high_noise_model):
+            model.set_options(forward_options)
+            if opts.bf16_weights and self.param_dtype in half:
+                convert_matmul_weights_(model, self.param_dtype)
+            if opts.compile and on_cuda:
+                _compile_blocks(model, opts.compile_mode)
+            else:
+                for block in model.blocks:
+                    block._compiled_call_impl = None  # undo an earlier compile
+        if opts.compile and not on_cuda:
+            logging.info('torch.compile skipped: no CUDA device')
+        logging.info('optimizations: %s; attention kernel: %s', opts.as_dict(),
+                     self.attention_backend)
+
+    # ------------------------------------------------------------------ memory plan
+    def plan_for(self, size: Tuple[int, int], frame_num: int,
+                 offload_model: bool = False, batched_cfg: Optional[bool] = None) -> MemoryPlan:
+        """The placement plan for one generate() call (logged)."""
+        want_batched = self.opt.batched_cfg if batched_cfg is None else batched_cfg
+        want_resident = self.opt.resident and not offload_model
+        if self.device.type != 'cuda':
+            plan = MemoryPlan(fits=True, experts_resident=True, batched_cfg=want_batched,
+                              t5_on_gpu=False, t5_offload_after_encode=False,
+                              offload_experts_before_decode=False, budget_gib=0.0,
+                              notes=['CPU run: no GPU memory to plan'])
+            return plan
+        expert_bytes = max(_param_bytes(self.low_noise_model),
+                           _param_bytes(self.high_noise_model))
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # memory already held by our own models on the GPU is available to the plan
+        ours = sum(_param_bytes(m, on_device=self.device) for m in (
+            self.low_noise_model, self.high_noise_model, self.text_encoder.model))
+        c = self.config
+        plan = plan_memory(free + ours, size, frame_num, dim=c.dim, ffn_dim=c.ffn_dim,
+                           num_layers=c.num_layers, expert_bytes=expert_bytes,
+                           t5_bytes=_param_bytes(self.text_encoder.model), t5_cpu=self.t5_cpu,
+                           want_batched_cfg=want_batched, want_resident=want_resident)
+        if not plan.fits:
+            raise torch.cuda.OutOfMemoryError(
+                f'not enough GPU memory for {size[0]}x{size[1]}, {frame_num} frames: '
+                + plan.describe())
+        return plan
+
+    # ------------------------------------------------------------------ hooks
+    def _prepare_model_for_timestep(self, t, boundary, offload_model):
+        if self._plan is not None and self._plan.experts_resident:
+            for m in (self.low_noise_model, self.high_noise_model):
+                if next(m.parameters()).device != self.device:
+                    m.to(self.device)
+            return self.high_noise_model if t.item() >= boundary else self.low_noise_model
+        return super()._prepare_model_for_timestep(t, boundary, True)
+
+    def _encode_text(self, prompts, offload_model):
+        plan = self._plan
+        out = []
+        for p in prompts:
+            if self.opt.prompt_cache and p in self._prompt_cache:
+                out.append(self._prompt_cache[p])
+                continue
+            if plan is not None and plan.t5_on_gpu:
+                self.text_encoder.model.to(self.device)
+                ctx = self.text_encoder([p], self.device)[0]
+            elif self.device.type == 'cuda':
+                self.text_encoder.model.to('cpu')
+                ctx = self.text_encoder([p], torch.device('cpu'))[0].to(self.device)
+            else:
+                ctx = self.text_encoder([p], self.device)[0]
+            if self.opt.prompt_cache:
+                self._prompt_cache[p] = ctx
+            out.append(ctx)
+        if plan is not None and plan.t5_on_gpu and (plan.t5_offload_after_encode or
+                                                    offload_model):
+            self.text_encoder.model.to('cpu')
+        return out
+
+    def _predict_noise(self, model, latents, t, context, context_null, seq_len, guide_scale):
+        if self._plan is None or not self._plan.batched_cfg:
+            return super()._predict_noise(model, latents, t, context, context_null, seq_len,
+                                          guide_scale)
+        cond, uncond = model([latents, latents], t=torch.stack([t, t]),
+                             context=[context, context_null], seq_len=seq_len)
+        return uncond + guide_scale * (cond - uncond)
+
+    def decode(self, x0):
+        if self._plan is not None and self._plan.offload_experts_before_decode:
+            self.low_noise_model.to('cpu')
+            self.high_noise_model.to('cpu')
+            torch.cuda.empty_cache()
+        return super().decode(x0)
+
+    # ------------------------------------------------------------------ generate
+    def generate(self,
+                 input_prompt: str,
+                 size: Tuple[int, int] = (1280, 720),
+                 frame_num: int = 81,
+                 shift: float = 5.0,
+                 sample_solver: str = 'unipc',
+                 sampling_steps: int = 50,
+                 guide_scale: Union[float, Tuple[float, float]] = 5.0,
+                 n_prompt: str = '',
+                 seed: int = -1,
+                 offload_model: bool = True,
+                 *,
+                 use_batched_cfg: Optional[bool] = None) -> Optional[torch.Tensor]:
+        """As WanT2V.generate. `offload_model=True` keeps the reference's offloading (experts
+        swapped in the loop and moved to the CPU afterwards); `False` lets the memory plan
+        keep everything resident. `use_batched_cfg` overrides the batched-CFG toggle."""
+        self._plan = self.plan_for(size, frame_num, offload_model, use_batched_cfg)
+        log_plan(self._plan)
+        if self._plan.experts_resident:
+            # before the loop, so that no step pays for a host-to-device copy
+            self.low_noise_model.to(self.device)
+            self.high_noise_model.to(self.device)
+        try:
+            return super().generate(input_prompt, size=size, frame_num=frame_num, shift=shift,
+                                    sample_solver=sample_solver, sampling_steps=sampling_steps,
+                                    guide_scale=guide_scale, n_prompt=n_prompt, seed=seed,
+                                    offload_model=offload_model)
+        finally:
+            self._plan = None
+
+
+def _param_bytes(module: nn.Module, on_device: Optional[torch.device] = None) -> int:
+    total = 0
+    for p in module.parameters():
+        if on_device is None or p.device == on_device:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def optimize_pipeline(pipe: WanT2V, **toggles) -> WanT2VOptimized:
+    """Upgrade an existing WanT2V to WanT2VOptimized in place (same object, same weights).
+
+    `toggles` are OptimizationConfig fields (e.g. compile=False, batched_cfg=True).
+    """
+    valid = {f.name for f in fields(OptimizationConfig)}
+    unknown = sorted(set(toggles) - valid)
+    if unknown:
+        raise TypeError(f'unknown optimization toggles {unknown}; valid: {sorted(valid)}')
+    if isinstance(pipe, WanT2VOptimized):
+        raise ValueError('pipeline is already optimized')
+    pipe.__class__ = WanT2VOptimized
+    pipe._setup_optimizations(OptimizationConfig(**toggles))
+    return pipe
