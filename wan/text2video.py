@@ -297,6 +297,10 @@ class WanT2V:
         seed_g.manual_seed(seed)
 
         context, context_null = self._encode_text([input_prompt, n_prompt], offload_model)
+        if self.param_dtype not in (torch.bfloat16, torch.float16):
+            # no autocast region below (see _autocast): cast the bf16 T5 output to the compute
+            # dtype here, as the reference's autocast(dtype=float32) does for text_embedding
+            context, context_null = context.to(self.param_dtype), context_null.to(self.param_dtype)
         noise = torch.randn(*target_shape, dtype=torch.float32, device=self.device,
                             generator=seed_g)
         boundary = self.boundary * self.num_train_timesteps

@@ -25,6 +25,8 @@ fp32 matmuls changes the fp32 islands' precision and is opt-in.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Optional, Tuple, Union
 
@@ -175,7 +177,9 @@ class WanT2VOptimized(WanT2V):
             return plan
         expert_bytes = max(_param_bytes(self.low_noise_model),
                            _param_bytes(self.high_noise_model))
-        free, _ = torch.cuda.mem_get_info(self.device)
+        # blocks the caching allocator holds but does not use count as free
+        free = torch.cuda.mem_get_info(self.device)[0] + \
+            torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         # memory already held by our own models on the GPU is available to the plan
         ours = sum(_param_bytes(m, on_device=self.device) for m in (
             self.low_noise_model, self.high_noise_model, self.text_encoder.model))
@@ -189,6 +193,37 @@ class WanT2VOptimized(WanT2V):
                 f'not enough GPU memory for {size[0]}x{size[1]}, {frame_num} frames: '
                 + plan.describe())
         return plan
+
+    @torch.no_grad()
+    def warm_up(self, size: Tuple[int, int], frame_num: int,
+                batched_cfg: Optional[bool] = None) -> float:
+        """Run one forward of each expert at this size so that compilation (and cuDNN/cuBLAS
+        autotuning) happens now rather than inside the first denoising steps; returns seconds.
+        """
+        t0 = time.perf_counter()
+        plan = self.plan_for(size, frame_num, offload_model=False, batched_cfg=batched_cfg)
+        shape = self.target_shape(size, frame_num)
+        seq_len = math.ceil(shape[2] * shape[3] / (self.patch_size[1] * self.patch_size[2]) *
+                            shape[1] / self.sp_size) * self.sp_size
+        batch = 2 if plan.batched_cfg else 1
+        lat = torch.zeros(*shape, device=self.device)
+        ctx = torch.zeros(1, self.config.get('text_dim', 4096), device=self.device,
+                          dtype=self.config.t5_dtype)
+        with self._autocast():
+            for model, t in ((self.high_noise_model, self.num_train_timesteps - 1),
+                             (self.low_noise_model, 0)):
+                moved = next(model.parameters()).device != self.device
+                model.to(self.device)
+                model([lat] * batch, t=torch.full((batch,), t, device=self.device),
+                      context=[ctx] * batch, seq_len=seq_len)
+                if moved and not plan.experts_resident:
+                    model.to('cpu')
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        logging.info('warm-up (compile included) at %dx%d, %d frames: %.1f s', size[0], size[1],
+                     frame_num, seconds)
+        return seconds
 
     # ------------------------------------------------------------------ hooks
     def _prepare_model_for_timestep(self, t, boundary, offload_model):

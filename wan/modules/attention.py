@@ -25,7 +25,6 @@ backend on GPU and plain SDPA on CPU). 'auto' picks the fastest available kernel
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 from typing import Optional, Sequence
@@ -43,28 +42,36 @@ _AUTO_ORDER = ('fa3', 'cudnn', 'flash', 'sdpa_flash', 'sdpa')
 _default_backend = 'reference'
 
 
-@functools.lru_cache(maxsize=None)
+# Kernel modules found so far, by name. Plain module globals (not an lru_cache) so that
+# torch.compile treats them as constants inside compiled blocks.
+_MODULES: dict = {}
+
+
+def _import(name: str):
+    if name not in _MODULES:
+        try:
+            _MODULES[name] = importlib.import_module(name)
+        except Exception:  # ImportError, or a build that fails to load its CUDA library
+            _MODULES[name] = None
+    return _MODULES[name]
+
+
 def _fa3_module(upstream_only: bool = False):
     """The FA3 interface module, or None. Upstream Wan only knows `flash_attn_interface`."""
     names = ('flash_attn_interface',) if upstream_only else ('flash_attn_interface',
                                                               'fa3_fwd_interface')
     for name in names:
-        try:
-            return importlib.import_module(name)
-        except Exception:  # ImportError, or a build that fails to load its CUDA library
-            continue
+        if _import(name) is not None:
+            _MODULES['fa3'] = _MODULES[name]
+            return _MODULES[name]
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def _fa2_module():
-    try:
-        import flash_attn
-        if not str(getattr(flash_attn, '__version__', '0')).startswith('2'):
-            return None
-        return flash_attn
-    except Exception:
+    mod = _import('flash_attn')
+    if mod is None or not str(getattr(mod, '__version__', '0')).startswith('2'):
         return None
+    return mod
 
 
 def _sdpa_backend_ok(name: str) -> bool:
@@ -210,8 +217,9 @@ def _first(x):
 
 def _flash_dense(backend, q, k, v, scale, causal):
     if backend == 'fa3':
-        return _first(_fa3_module().flash_attn_func(q, k, v, softmax_scale=scale, causal=causal))
-    return _fa2_module().flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+        return _first(_MODULES['fa3'].flash_attn_func(q, k, v, softmax_scale=scale,
+                                                      causal=causal))
+    return _MODULES['flash_attn'].flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
 
 
 def _flash_varlen(backend, q, k, v, q_lens, k_lens, scale, causal):
@@ -228,10 +236,10 @@ def _flash_varlen(backend, q, k, v, q_lens, k_lens, scale, causal):
     cu_q = F.pad(q_lens.cumsum(0, dtype=torch.int32), (1, 0))
     cu_k = F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0))
     if backend == 'fa3':
-        out = _first(_fa3_module().flash_attn_varlen_func(
+        out = _first(_MODULES['fa3'].flash_attn_varlen_func(
             qp, kp, vp, cu_q, cu_k, lq, lk, softmax_scale=scale, causal=causal))
     else:
-        out = _fa2_module().flash_attn_varlen_func(
+        out = _MODULES['flash_attn'].flash_attn_varlen_func(
             qp, kp, vp, cu_q, cu_k, lq, lk, softmax_scale=scale, causal=causal)
     # Unpack to (B, Lq, H, D); trimmed query rows (q_lens < Lq) are zeros.
     res = q.new_zeros(q.shape)
