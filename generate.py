@@ -217,14 +217,27 @@ def init_distributed(args: argparse.Namespace):
 
 
 def save_output(video, args, fps: int) -> None:
-    """Write the mp4; on failure remove any partial file and raise."""
+    """Write the mp4; on failure remove any partial file and raise.
+
+    A file that already existed and that the failed save never touched is left alone.
+    """
     from wan.utils.utils import save_video
+
+    def state(path):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns, st.st_ino
+
     logging.info('Saving generated video to %s', args.save_file)
+    before = state(args.save_file)
     try:
         save_video(tensor=video[None], save_file=args.save_file, fps=fps, nrow=1,
                    normalize=True, value_range=(-1, 1))
     except Exception as exc:
-        if os.path.exists(args.save_file):
+        after = state(args.save_file)
+        if after is not None and after != before:
             os.remove(args.save_file)
         raise UserError(f'failed to save the video to {args.save_file}: {exc}') from exc
 

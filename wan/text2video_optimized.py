@@ -207,8 +207,10 @@ class WanT2VOptimized(WanT2V):
                             shape[1] / self.sp_size) * self.sp_size
         batch = 2 if plan.batched_cfg else 1
         lat = torch.zeros(*shape, device=self.device)
+        # the T5 dtype under autocast; the compute dtype otherwise (as generate() casts it)
         ctx = torch.zeros(1, self.config.get('text_dim', 4096), device=self.device,
-                          dtype=self.config.t5_dtype)
+                          dtype=self.config.t5_dtype if self.param_dtype in (
+                              torch.bfloat16, torch.float16) else self.param_dtype)
         with self._autocast():
             for model, t in ((self.high_noise_model, self.num_train_timesteps - 1),
                              (self.low_noise_model, 0)):

@@ -1,0 +1,28 @@
+"""Shared fixtures: the repository root on sys.path and one tiny pipeline per session.
+
+Building a t2v-tiny pipeline takes about a second; tests that need a fresh one (different
+dtype, weights written to disk, optimized upgrade) build their own.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+
+@pytest.fixture(scope='session')
+def tiny_cfg():
+    from wan.configs import WAN_CONFIGS
+    return WAN_CONFIGS['t2v-tiny']
+
+
+@pytest.fixture(scope='session')
+def tiny_pipe(tiny_cfg):
+    """The reference pipeline on the tiny config, random weights, CPU (bf16 autocast)."""
+    from wan.text2video import WanT2V
+    return WanT2V(tiny_cfg, None, random_init=True, device='cpu')
