@@ -450,6 +450,7 @@ def main(argv=None) -> dict:
         r['setup_seconds'] = setup
         r['warmup_compile_seconds'] = warm
         r['attention_backend'] = pipe.attention_backend
+        r['cross_attention_backend'] = pipe.low_noise_model.options.cross_attn_backend
         r['toggles'] = pipe.opt.as_dict()
         r['memory_plan'] = plan.as_dict()
         videos['optimized'] = {'video': r.pop('video'), 'x0': r.pop('x0')}

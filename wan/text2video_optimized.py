@@ -33,10 +33,11 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .modules.attention import resolve_backend
+from .modules.attention import attention, available_backends, resolve_backend
 from .modules.model import ForwardOptions, WanModel
 from .text2video import WanT2V
 from .utils.memory_plan import MemoryPlan, log_plan, plan_memory
+from .utils.offload import PinnedOffload
 
 __all__ = ['WanT2VOptimized', 'OptimizationConfig', 'optimize_pipeline']
 
@@ -143,6 +144,9 @@ class WanT2VOptimized(WanT2V):
             # process-wide switches: set both ways so that toggling back restores the default
             torch.backends.cuda.matmul.allow_tf32 = opts.tf32
             torch.backends.cudnn.benchmark = opts.vae_cudnn_benchmark
+        if on_cuda and not hasattr(self, '_t5_offload'):
+            # pinned host copy: T5 moves to the GPU at full PCIe bandwidth (~0.5 s, not ~10 s)
+            self._t5_offload = PinnedOffload(self.text_encoder.model)
         self.attention_backend = resolve_backend(opts.attention, self.device)
         half = (torch.bfloat16, torch.float16)
         forward_options = ForwardOptions(
@@ -206,6 +210,7 @@ class WanT2VOptimized(WanT2V):
         seq_len = math.ceil(shape[2] * shape[3] / (self.patch_size[1] * self.patch_size[2]) *
                             shape[1] / self.sp_size) * self.sp_size
         batch = 2 if plan.batched_cfg else 1
+        self._pick_cross_attention_kernel(batch, seq_len)
         lat = torch.zeros(*shape, device=self.device)
         # the T5 dtype under autocast; the compute dtype otherwise (as generate() casts it)
         ctx = torch.zeros(1, self.config.get('text_dim', 4096), device=self.device,
@@ -227,6 +232,35 @@ class WanT2VOptimized(WanT2V):
                      frame_num, seconds)
         return seconds
 
+    def _pick_cross_attention_kernel(self, batch: int, tokens: int) -> None:
+        """With attention='auto', time the fast kernels on the real cross-attention shape
+        (video tokens x 512 text keys) and keep the faster; the self-attention pick does not
+        carry over to this very different shape."""
+        candidates = [b for b in ('fa3', 'cudnn') if b in available_backends()]
+        if self.opt.attention != 'auto' or len(candidates) < 2 or self.device.type != 'cuda':
+            return
+        c = self.config
+        shape_q = (batch, tokens, c.num_heads, c.dim // c.num_heads)
+        shape_k = (batch, c.text_len, c.num_heads, c.dim // c.num_heads)
+        q = torch.randn(shape_q, device=self.device, dtype=torch.bfloat16)
+        k, v = (torch.randn(shape_k, device=self.device, dtype=torch.bfloat16)
+                for _ in range(2))
+        times = {}
+        for backend in candidates:
+            attention(q, k, v, backend=backend)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                attention(q, k, v, backend=backend)
+            end.record()
+            torch.cuda.synchronize(self.device)
+            times[backend] = start.elapsed_time(end) / 3
+        best = min(times, key=times.get)
+        self.low_noise_model.options.cross_attn_backend = best
+        self.high_noise_model.options.cross_attn_backend = best
+        logging.info('cross-attention kernel: %s (ms per call: %s)', best,
+                     {k: round(v, 3) for k, v in times.items()})
+
     # ------------------------------------------------------------------ hooks
     def _prepare_model_for_timestep(self, t, boundary, offload_model):
         if self._plan is not None and self._plan.experts_resident:
@@ -244,10 +278,10 @@ class WanT2VOptimized(WanT2V):
                 out.append(self._prompt_cache[p])
                 continue
             if plan is not None and plan.t5_on_gpu:
-                self.text_encoder.model.to(self.device)
+                self._t5_to(self.device)
                 ctx = self.text_encoder([p], self.device)[0]
             elif self.device.type == 'cuda':
-                self.text_encoder.model.to('cpu')
+                self._t5_to('cpu')
                 ctx = self.text_encoder([p], torch.device('cpu'))[0].to(self.device)
             else:
                 ctx = self.text_encoder([p], self.device)[0]
@@ -256,8 +290,17 @@ class WanT2VOptimized(WanT2V):
             out.append(ctx)
         if plan is not None and plan.t5_on_gpu and (plan.t5_offload_after_encode or
                                                     offload_model):
-            self.text_encoder.model.to('cpu')
+            self._t5_to('cpu')
         return out
+
+    def _t5_to(self, device) -> None:
+        offload = getattr(self, '_t5_offload', None)
+        if offload is None:
+            self.text_encoder.model.to(device)
+        elif torch.device(device).type == 'cpu':
+            offload.to_host()
+        elif not offload.on_device:
+            offload.to_device(torch.device(device))
 
     def _predict_noise(self, model, latents, t, context, context_null, seq_len, guide_scale):
         if self._plan is None or not self._plan.batched_cfg:
@@ -268,11 +311,25 @@ class WanT2VOptimized(WanT2V):
         return uncond + guide_scale * (cond - uncond)
 
     def decode(self, x0):
+        if self.device.type != 'cuda':
+            return super().decode(x0)
         if self._plan is not None and self._plan.offload_experts_before_decode:
-            self.low_noise_model.to('cpu')
-            self.high_noise_model.to('cpu')
-            torch.cuda.empty_cache()
-        return super().decode(x0)
+            self._offload_experts()
+        # cached activation blocks of the DiT are the wrong shapes for the VAE: return them
+        torch.cuda.empty_cache()
+        try:
+            return super().decode(x0)
+        except torch.cuda.OutOfMemoryError:
+            # the estimate was optimistic for this GPU: make room rather than fail
+            logging.warning('VAE decode ran out of GPU memory beside the experts; moving the '
+                            'experts to the CPU and decoding again')
+            self._offload_experts()
+            return super().decode(x0)
+
+    def _offload_experts(self) -> None:
+        self.low_noise_model.to('cpu')
+        self.high_noise_model.to('cpu')
+        torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ generate
     def generate(self,

@@ -39,8 +39,12 @@ class ForwardOptions:
     attn_dtype: torch.dtype = torch.bfloat16
     # time MLP and 6*dim projection once per sample instead of once per token (same math)
     per_sample_time: bool = False
-    # RoPE from a cached fp32 cos/sin table instead of float64 complex products
+    # RoPE from a cached fp32 cos/sin table instead of float64 complex products; its output
+    # is rounded straight to attn_dtype (the reference rounds the same fp32 values when the
+    # kernel casts q and k), so the attention output needs no fp32 round trip either
     fast_rope: bool = False
+    # kernel for cross-attention (512 text keys) when it differs from attn_backend
+    cross_attn_backend: Optional[str] = None
 
 
 @contextmanager
@@ -130,12 +134,15 @@ def rope_cos_sin(grid_sizes: torch.Tensor, freqs: torch.Tensor, seq_len: int,
     return torch.stack(tables).unsqueeze(2).to(device=device, dtype=torch.float32)
 
 
-def rope_apply_fast(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """RoPE with a precomputed fp32 (cos, sin) table; fp32 out like rope_apply."""
+def rope_apply_fast(x: torch.Tensor, cos_sin: torch.Tensor,
+                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """RoPE with a precomputed fp32 (cos, sin) table, computed in fp32, returned in
+    `out_dtype` (fp32 like rope_apply by default)."""
     xr = x.float().unflatten(-1, (-1, 2))
     cos, sin = cos_sin[..., 0], cos_sin[..., 1]
     a, b = xr[..., 0], xr[..., 1]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2) \
+        .to(out_dtype)
 
 
 class WanRMSNorm(nn.Module):
@@ -194,7 +201,8 @@ class WanSelfAttention(nn.Module):
     def forward(self, x, seq_lens, grid_sizes, freqs, rope_table=None):
         q, k, v = self.qkv(x)
         if rope_table is not None:
-            q, k = rope_apply_fast(q, rope_table), rope_apply_fast(k, rope_table)
+            dt = self.options.attn_dtype
+            q, k = rope_apply_fast(q, rope_table, dt), rope_apply_fast(k, rope_table, dt)
         else:
             q, k = rope_apply(q, grid_sizes, freqs), rope_apply(k, grid_sizes, freqs)
         x = self.attend(q, k, v, seq_lens)
@@ -214,7 +222,7 @@ class WanCrossAttention(WanSelfAttention):
         k = self.norm_k(self.k(context)).view(b, -1, n, d)
         v = self.v(context).view(b, -1, n, d)
         x = attention(q, k, v, k_lens=context_lens, dtype=self.options.attn_dtype,
-                      backend=self.options.attn_backend)
+                      backend=self.options.cross_attn_backend or self.options.attn_backend)
         return self.o(x.flatten(2))
 
 
