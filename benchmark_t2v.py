@@ -313,6 +313,21 @@ def choose_boundary(pipe, args) -> Optional[float]:
 
 def profile_forward(pipe, model, size, frame_num, label) -> dict:
     """CUDA time of one batch-1 forward of `model`, grouped by kernel family."""
+    was_on_cpu = next(model.parameters()).device.type == 'cpu'
+    if was_on_cpu:
+        model.to(pipe.device)
+    try:
+        return _profile_forward(pipe, model, size, frame_num, label)
+    except Exception as exc:  # a profile is a diagnostic: never lose the run for it
+        logging.warning('[%s] profile failed: %r', label, exc)
+        return {'error': repr(exc)[:300]}
+    finally:
+        if was_on_cpu:
+            model.to('cpu')
+            torch.cuda.empty_cache()
+
+
+def _profile_forward(pipe, model, size, frame_num, label) -> dict:
     from torch.profiler import ProfilerActivity, profile
     shape = pipe.target_shape(size, frame_num)
     seq_len = shape[1] * shape[2] * shape[3] // 4
@@ -423,10 +438,9 @@ def main(argv=None) -> dict:
         videos['baseline'] = {'video': r.pop('video'), 'x0': r.pop('x0')}
         result['modes']['baseline'] = r
         if args.profile and device.type == 'cuda':
-            pipe.low_noise_model.to(pipe.device)
             r['profile'] = profile_forward(pipe, pipe.low_noise_model, size, args.frame_num,
                                            'baseline')
-            pipe.low_noise_model.to('cpu')
+        save_partial(result, args)
         if args.same_kernel_baseline and 'optimized' in modes:
             kernel = resolve_backend(args.attention, pipe.device)
             for m in (pipe.low_noise_model, pipe.high_noise_model):
@@ -436,6 +450,7 @@ def main(argv=None) -> dict:
             r2['attention_backend'] = kernel
             videos['baseline_same_kernel'] = {'video': r2.pop('video'), 'x0': r2.pop('x0')}
             result['modes']['baseline_same_kernel'] = r2
+            save_partial(result, args)
 
     if 'optimized' in modes:
         toggles = {t: getattr(args, t) for t in TOGGLES}
@@ -455,6 +470,7 @@ def main(argv=None) -> dict:
         r['memory_plan'] = plan.as_dict()
         videos['optimized'] = {'video': r.pop('video'), 'x0': r.pop('x0')}
         result['modes']['optimized'] = r
+        save_partial(result, args)
         if args.profile and device.type == 'cuda':
             r['profile'] = profile_forward(pipe, pipe.low_noise_model, size, args.frame_num,
                                            'optimized')
@@ -505,6 +521,13 @@ def main(argv=None) -> dict:
         result['output_path'] = path
     print_table(result)
     return result
+
+
+def save_partial(result: dict, args) -> None:
+    """Write what is measured so far next to --output, so a late failure loses nothing."""
+    if args.output:
+        with open(args.output + '.partial', 'w') as f:
+            json.dump(result, f, indent=2, default=str)
 
 
 def _speedups(b: dict, o: dict) -> dict:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Optional, Tuple, Union
@@ -210,6 +211,8 @@ class WanT2VOptimized(WanT2V):
         seq_len = math.ceil(shape[2] * shape[3] / (self.patch_size[1] * self.patch_size[2]) *
                             shape[1] / self.sp_size) * self.sp_size
         batch = 2 if plan.batched_cfg else 1
+        if plan.experts_resident and plan.offload_experts_before_decode:
+            self._pin_experts_if_room()
         self._pick_cross_attention_kernel(batch, seq_len)
         lat = torch.zeros(*shape, device=self.device)
         # the T5 dtype under autocast; the compute dtype otherwise (as generate() casts it)
@@ -220,7 +223,10 @@ class WanT2VOptimized(WanT2V):
             for model, t in ((self.high_noise_model, self.num_train_timesteps - 1),
                              (self.low_noise_model, 0)):
                 moved = next(model.parameters()).device != self.device
-                model.to(self.device)
+                if plan.experts_resident:
+                    self._experts_to(self.device)
+                else:
+                    model.to(self.device)
                 model([lat] * batch, t=torch.full((batch,), t, device=self.device),
                       context=[ctx] * batch, seq_len=seq_len)
                 if moved and not plan.experts_resident:
@@ -264,9 +270,7 @@ class WanT2VOptimized(WanT2V):
     # ------------------------------------------------------------------ hooks
     def _prepare_model_for_timestep(self, t, boundary, offload_model):
         if self._plan is not None and self._plan.experts_resident:
-            for m in (self.low_noise_model, self.high_noise_model):
-                if next(m.parameters()).device != self.device:
-                    m.to(self.device)
+            self._experts_to(self.device)
             return self.high_noise_model if t.item() >= boundary else self.low_noise_model
         return super()._prepare_model_for_timestep(t, boundary, True)
 
@@ -327,9 +331,41 @@ class WanT2VOptimized(WanT2V):
             return super().decode(x0)
 
     def _offload_experts(self) -> None:
-        self.low_noise_model.to('cpu')
-        self.high_noise_model.to('cpu')
+        self._experts_to('cpu')
         torch.cuda.empty_cache()
+
+    def _experts_to(self, device) -> None:
+        """Move both experts; through pinned host copies when they exist (see below)."""
+        offloaders = getattr(self, '_expert_offload', None)
+        for i, m in enumerate((self.low_noise_model, self.high_noise_model)):
+            on_cpu = next(m.parameters()).device.type == 'cpu'
+            if torch.device(device).type == 'cpu':
+                if offloaders:
+                    offloaders[i].to_host()
+                elif not on_cpu:
+                    m.to('cpu')
+            elif on_cpu:
+                offloaders[i].to_device(self.device) if offloaders else m.to(self.device)
+
+    def _pin_experts_if_room(self) -> None:
+        """When the plan moves resident experts out for every VAE decode, keep pinned host
+        copies so that the move out is free and the move back runs at full bandwidth --
+        if the host has the memory for them (otherwise plain moves)."""
+        if getattr(self, '_expert_offload', None) is not None or self.device.type != 'cuda':
+            return
+        need = sum(_param_bytes(m) for m in (self.low_noise_model, self.high_noise_model))
+        try:
+            avail = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+        except (ValueError, OSError, AttributeError):
+            avail = 0
+        if avail < need + 16 * 2**30:
+            logging.info('not pinning the experts: %.0f GiB host memory available', avail / 2**30)
+            return
+        t0 = time.perf_counter()
+        self._expert_offload = [PinnedOffload(m) for m in (self.low_noise_model,
+                                                             self.high_noise_model)]
+        logging.info('pinned host copies of both experts (%.0f GiB) in %.1f s', need / 2**30,
+                     time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ generate
     def generate(self,
@@ -351,9 +387,10 @@ class WanT2VOptimized(WanT2V):
         self._plan = self.plan_for(size, frame_num, offload_model, use_batched_cfg)
         log_plan(self._plan)
         if self._plan.experts_resident:
+            if self._plan.offload_experts_before_decode:
+                self._pin_experts_if_room()
             # before the loop, so that no step pays for a host-to-device copy
-            self.low_noise_model.to(self.device)
-            self.high_noise_model.to(self.device)
+            self._experts_to(self.device)
         try:
             return super().generate(input_prompt, size=size, frame_num=frame_num, shift=shift,
                                     sample_solver=sample_solver, sampling_steps=sampling_steps,
