@@ -402,7 +402,8 @@ def main(argv=None) -> dict:
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     result = {'schema': 'wan-fast-benchmark/1', 'env': environment(device),
-              'settings': {k: v for k, v in vars(args).items() if k != 'guide_scale'},
+              'settings': {k: v for k, v in vars(args).items()
+                           if k not in ('guide_scale', '_result')},
               'task': args.task, 'size': args.size, 'frame_num': args.frame_num,
               'tokens': tokens, 'sample_steps': args.sample_steps,
               'flops_per_forward': forward_flops(cfg, tokens), 'modes': {}}
@@ -475,6 +476,7 @@ def main(argv=None) -> dict:
             r['profile'] = profile_forward(pipe, pipe.low_noise_model, size, args.frame_num,
                                            'optimized')
         if args.ablate is not None:
+            args._result = result
             result['ablation'] = run_ablation(pipe, args, size, toggles)
 
     # ------------------------------------------------------------------ derived numbers
@@ -560,12 +562,17 @@ def run_ablation(pipe, args, size, toggles: dict) -> dict:
             boundary = choose_boundary(pipe, args)
             if boundary is not None:
                 pipe.boundary = boundary
+            warm = pipe.warm_up(size, args.frame_num) if pipe.device.type == 'cuda' else 0.0
             r = run_mode(pipe, args, size, f'ablate:{name}-off', args.seed,
                          offload_model=False, generate_kwargs={})
             r.pop('video')
             r.pop('x0')
             out[name] = {'steps': r['steps'], 'peak_gpu_gib': r['peak_gpu_gib'],
-                         'toggles': t}
+                         'warmup_compile_seconds': warm, 'toggles': t}
+            result_partial = getattr(args, '_result', None)
+            if result_partial is not None:
+                result_partial['ablation'] = out
+                save_partial(result_partial, args)
     finally:
         args.sample_steps, args.num_runs = saved
     return out

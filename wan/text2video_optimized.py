@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Optional, Tuple, Union
@@ -211,8 +210,6 @@ class WanT2VOptimized(WanT2V):
         seq_len = math.ceil(shape[2] * shape[3] / (self.patch_size[1] * self.patch_size[2]) *
                             shape[1] / self.sp_size) * self.sp_size
         batch = 2 if plan.batched_cfg else 1
-        if plan.experts_resident and plan.offload_experts_before_decode:
-            self._pin_experts_if_room()
         self._pick_cross_attention_kernel(batch, seq_len)
         lat = torch.zeros(*shape, device=self.device)
         # the T5 dtype under autocast; the compute dtype otherwise (as generate() casts it)
@@ -335,37 +332,11 @@ class WanT2VOptimized(WanT2V):
         torch.cuda.empty_cache()
 
     def _experts_to(self, device) -> None:
-        """Move both experts; through pinned host copies when they exist (see below)."""
-        offloaders = getattr(self, '_expert_offload', None)
-        for i, m in enumerate((self.low_noise_model, self.high_noise_model)):
-            on_cpu = next(m.parameters()).device.type == 'cpu'
-            if torch.device(device).type == 'cpu':
-                if offloaders:
-                    offloaders[i].to_host()
-                elif not on_cpu:
-                    m.to('cpu')
-            elif on_cpu:
-                offloaders[i].to_device(self.device) if offloaders else m.to(self.device)
-
-    def _pin_experts_if_room(self) -> None:
-        """When the plan moves resident experts out for every VAE decode, keep pinned host
-        copies so that the move out is free and the move back runs at full bandwidth --
-        if the host has the memory for them (otherwise plain moves)."""
-        if getattr(self, '_expert_offload', None) is not None or self.device.type != 'cuda':
-            return
-        need = sum(_param_bytes(m) for m in (self.low_noise_model, self.high_noise_model))
-        try:
-            avail = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-        except (ValueError, OSError, AttributeError):
-            avail = 0
-        if avail < need + 16 * 2**30:
-            logging.info('not pinning the experts: %.0f GiB host memory available', avail / 2**30)
-            return
-        t0 = time.perf_counter()
-        self._expert_offload = [PinnedOffload(m) for m in (self.low_noise_model,
-                                                             self.high_noise_model)]
-        logging.info('pinned host copies of both experts (%.0f GiB) in %.1f s', need / 2**30,
-                     time.perf_counter() - t0)
+        # Plain moves: pinning 53 GiB of host memory took 95 s on the H100 machine, more than
+        # it saves (see OPTIMIZATION_ANALYSIS.md).
+        for m in (self.low_noise_model, self.high_noise_model):
+            if next(m.parameters()).device != torch.device(device):
+                m.to(device)
 
     # ------------------------------------------------------------------ generate
     def generate(self,
@@ -387,8 +358,6 @@ class WanT2VOptimized(WanT2V):
         self._plan = self.plan_for(size, frame_num, offload_model, use_batched_cfg)
         log_plan(self._plan)
         if self._plan.experts_resident:
-            if self._plan.offload_experts_before_decode:
-                self._pin_experts_if_room()
             # before the loop, so that no step pays for a host-to-device copy
             self._experts_to(self.device)
         try:
