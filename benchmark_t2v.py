@@ -35,6 +35,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from wan.text2video_optimized import OptimizationConfig  # noqa: E402
+
 TOGGLES = ('batched_cfg', 'per_sample_time', 'fast_rope', 'bf16_weights', 'compile', 'tf32',
            'vae_cudnn_benchmark')
 
@@ -254,7 +256,8 @@ def parse_args(argv=None):
     p.add_argument('--attention', default='auto')
     p.add_argument('--compile_mode', default='default')
     for t in TOGGLES:
-        p.add_argument(f'--no-{t}', dest=t, action='store_false', default=(t != 'tf32'))
+        p.add_argument(f'--no-{t}', dest=t, action='store_false',
+                       default=getattr(OptimizationConfig(), t))
         p.add_argument(f'--{t}', dest=t, action='store_true')
     p.add_argument('--ablate', nargs='*', default=None,
                    help='optimized mode again with each listed toggle off in turn (default: '

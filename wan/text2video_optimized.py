@@ -46,7 +46,9 @@ COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-
 
 @dataclass
 class OptimizationConfig:
-    batched_cfg: bool = True
+    # exact, but measured no faster than two batch-1 passes on an H100 at 480p and 720p and
+    # ~6 GiB more memory (bench/results): off by default, on by request
+    batched_cfg: bool = False
     per_sample_time: bool = True
     fast_rope: bool = True
     attention: str = 'auto'
@@ -191,7 +193,8 @@ class WanT2VOptimized(WanT2V):
         plan = plan_memory(free + ours, size, frame_num, dim=c.dim, ffn_dim=c.ffn_dim,
                            num_layers=c.num_layers, expert_bytes=expert_bytes,
                            t5_bytes=_param_bytes(self.text_encoder.model), t5_cpu=self.t5_cpu,
-                           want_batched_cfg=want_batched, want_resident=want_resident)
+                           want_batched_cfg=want_batched, want_resident=want_resident,
+                           per_token_time=not self.opt.per_sample_time)
         if not plan.fits:
             raise torch.cuda.OutOfMemoryError(
                 f'not enough GPU memory for {size[0]}x{size[1]}, {frame_num} frames: '

@@ -77,9 +77,15 @@ def tokens_for(size, frame_num: int, vae_stride=(4, 8, 8), patch=(1, 2, 2)) -> i
     return t * (h // vae_stride[1] // patch[1]) * (w // vae_stride[2] // patch[2])
 
 
-def activation_bytes(tokens: int, batch: int, dim: int = 5120, ffn_dim: int = 13824) -> float:
+def activation_bytes(tokens: int, batch: int, dim: int = 5120, ffn_dim: int = 13824,
+                     per_token_time: bool = False) -> float:
     scale = (dim * 26 + ffn_dim * 4) / (5120 * 26 + 13824 * 4)
-    return ACT_BYTES_PER_TOKEN_A14B * scale * tokens * batch
+    per_token = ACT_BYTES_PER_TOKEN_A14B * scale
+    if per_token_time:
+        # the reference's per-token time embedding: e (dim) and e0 (6 dim) in fp32, plus the
+        # (modulation + e0) sum each block builds
+        per_token += 4 * (dim + 2 * 6 * dim)
+    return per_token * tokens * batch
 
 
 def vae_decode_bytes(size) -> float:
@@ -89,7 +95,8 @@ def vae_decode_bytes(size) -> float:
 def plan_memory(free_bytes: float, size, frame_num: int, *, dim: int = 5120,
                 ffn_dim: int = 13824, num_layers: int = 40, expert_bytes: Optional[float] = None,
                 t5_bytes: float = T5_XXL_BYTES, t5_cpu: bool = False,
-                want_batched_cfg: bool = True, want_resident: bool = True) -> MemoryPlan:
+                want_batched_cfg: bool = True, want_resident: bool = True,
+                per_token_time: bool = False) -> MemoryPlan:
     """Decide placements for one generate() call given `free_bytes` of GPU memory.
 
     `free_bytes` is what the pipeline may use in total (weights included). `expert_bytes`
@@ -98,8 +105,8 @@ def plan_memory(free_bytes: float, size, frame_num: int, *, dim: int = 5120,
     if expert_bytes is None:
         expert_bytes = 2 * dit_param_count(dim, ffn_dim, num_layers)
     tokens = tokens_for(size, frame_num)
-    act1 = activation_bytes(tokens, 1, dim, ffn_dim)
-    act2 = activation_bytes(tokens, 2, dim, ffn_dim)
+    act1 = activation_bytes(tokens, 1, dim, ffn_dim, per_token_time)
+    act2 = activation_bytes(tokens, 2, dim, ffn_dim, per_token_time)
     vae = vae_decode_bytes(size)
     budget = free_bytes - MARGIN_BYTES
     est = {'expert': expert_bytes / GiB, 'activations_batch1': act1 / GiB,
