@@ -213,6 +213,7 @@ class WanT2VOptimized(WanT2V):
         seq_len = math.ceil(shape[2] * shape[3] / (self.patch_size[1] * self.patch_size[2]) *
                             shape[1] / self.sp_size) * self.sp_size
         batch = 2 if plan.batched_cfg else 1
+        self._t5_follow_plan(plan)
         self._pick_cross_attention_kernel(batch, seq_len)
         lat = torch.zeros(*shape, device=self.device)
         # the T5 dtype under autocast; the compute dtype otherwise (as generate() casts it)
@@ -297,6 +298,11 @@ class WanT2VOptimized(WanT2V):
             self._t5_to('cpu')
         return out
 
+    def _t5_follow_plan(self, plan: MemoryPlan) -> None:
+        """A T5 left on the GPU by an earlier call leaves when this plan has no room for it."""
+        if not plan.t5_on_gpu or plan.t5_offload_after_encode:
+            self._t5_to('cpu')
+
     def _t5_to(self, device) -> None:
         offload = getattr(self, '_t5_offload', None)
         if offload is None:
@@ -360,6 +366,7 @@ class WanT2VOptimized(WanT2V):
         keep everything resident. `use_batched_cfg` overrides the batched-CFG toggle."""
         self._plan = self.plan_for(size, frame_num, offload_model, use_batched_cfg)
         log_plan(self._plan)
+        self._t5_follow_plan(self._plan)
         if self._plan.experts_resident:
             # before the loop, so that no step pays for a host-to-device copy
             self._experts_to(self.device)
