@@ -170,7 +170,7 @@ def test_bf16_config(tiny_cfg, tiny_pipe):
 @pytest.mark.parametrize('dtype', ['bf16', 'fp32'])
 def test_warm_up_runs_both_experts(opt_pipe, tiny_cfg, dtype):
     pipe = opt_pipe if dtype == 'fp32' else optimize_pipeline(build(tiny_cfg), compile=False)
-    pipe._setup_optimizations(OptimizationConfig(compile=False))
+    pipe._setup_optimizations(OptimizationConfig(compile=False, batched_cfg=True))
     seen = []
     hooks = [m.register_forward_pre_hook(lambda m, a, k, _n=n: seen.append((_n, len(a[0] if a else k['x']))),
                                          with_kwargs=True)
@@ -323,7 +323,8 @@ def test_plan_for_uses_free_memory_and_raises_when_nothing_fits(cfg32, monkeypat
     free['v'] = 79.1 * GiB
     plan = pipe.plan_for((1280, 720), 81)
     assert plan.fits and plan.experts_resident and not plan.batched_cfg
-    assert pipe.plan_for((832, 480), 81).batched_cfg
+    assert not pipe.plan_for((832, 480), 81).batched_cfg  # off by default (opt-in)
+    assert pipe.plan_for((832, 480), 81, batched_cfg=True).batched_cfg
     # offload_model=True (the reference's offloading) never keeps both experts resident
     assert not pipe.plan_for((832, 480), 81, offload_model=True).experts_resident
     assert not pipe.plan_for((832, 480), 81, batched_cfg=False).batched_cfg
