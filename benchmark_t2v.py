@@ -212,7 +212,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float('inf') if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def project_40(cfg, mode: dict, steps_high: int, steps_low: int) -> Optional[float]:
+def project_40(mode: dict, steps_high: int, steps_low: int) -> Optional[float]:
     s = mode['steps']
     if s['high']['median_seconds'] is None or s['low']['median_seconds'] is None:
         return None
@@ -482,34 +482,14 @@ def main(argv=None) -> dict:
             args._result = result
             result['ablation'] = run_ablation(pipe, args, size, toggles)
 
-    # ------------------------------------------------------------------ derived numbers
-    flops = result['flops_per_forward']['total']
-    for name, r in result['modes'].items():
-        for expert in ('high', 'low'):
-            s = r['steps'][expert]
-            if s['median_seconds']:
-                s['achieved_tflops'] = 2 * flops / s['median_seconds'] / 1e12
-                s['seconds_per_forward'] = s['median_seconds'] / 2
-        r['projected_40_step_seconds'] = project_40(cfg, r, high40, 40 - high40)
-        r['projection_note'] = 'projected from measured stages: T5 + 26 x high-noise step + ' \
-                               '14 x low-noise step + switches + VAE decode'
-    if 'baseline' in result['modes'] and 'optimized' in result['modes']:
-        b, o = result['modes']['baseline'], result['modes']['optimized']
-        result['speedup'] = _speedups(b, o)
-        if 'baseline_same_kernel' in result['modes']:
-            result['speedup_same_kernel'] = _speedups(result['modes']['baseline_same_kernel'], o)
+    if 'baseline' in videos and 'optimized' in videos:
         result['agreement'] = agreement(videos['baseline'], videos['optimized'])
     if 'baseline' in videos and 'baseline_same_kernel' in videos:
         # the reference path against itself with only the attention kernel changed: the
         # rounding-noise level any bf16 change of kernel produces on these weights
         result['agreement_reference_kernel_swap'] = agreement(videos['baseline'],
                                                               videos['baseline_same_kernel'])
-    floor = result['floor_per_forward']
-    if floor and 'optimized' in result['modes']:
-        for expert in ('high', 'low'):
-            s = result['modes']['optimized']['steps'][expert]
-            if s['median_seconds']:
-                s['ratio_to_floor'] = s['median_seconds'] / (2 * floor['seconds'])
+    derive(result)
 
     path = args.output
     if args.save_results and path is None:
@@ -525,6 +505,37 @@ def main(argv=None) -> dict:
         logging.info('results written to %s', path)
         result['output_path'] = path
     print_table(result)
+    return result
+
+
+def derive(result: dict) -> dict:
+    """Numbers computed from the measurements (idempotent; bench/render.py reuses it, also on
+    results saved before a run finished): per-forward time, achieved TFLOP/s, 40-step
+    projections, speed-ups, ratio to the floor."""
+    flops = result['flops_per_forward']['total']
+    split = result['projection_split_40']
+    for r in result['modes'].values():
+        for expert in ('high', 'low'):
+            s = r['steps'][expert]
+            if s['median_seconds']:
+                s['achieved_tflops'] = 2 * flops / s['median_seconds'] / 1e12
+                s['seconds_per_forward'] = s['median_seconds'] / 2
+        r['projected_40_step_seconds'] = project_40(r, split['high'], split['low'])
+        r['projection_note'] = (f"projected from measured stages: T5 + {split['high']} x "
+                                f"high-noise step + {split['low']} x low-noise step + switches "
+                                f"+ VAE decode")
+    modes = result['modes']
+    if 'baseline' in modes and 'optimized' in modes:
+        result['speedup'] = _speedups(modes['baseline'], modes['optimized'])
+        if 'baseline_same_kernel' in modes:
+            result['speedup_same_kernel'] = _speedups(modes['baseline_same_kernel'],
+                                                      modes['optimized'])
+    floor = result.get('floor_per_forward')
+    if floor and 'optimized' in modes:
+        for expert in ('high', 'low'):
+            s = modes['optimized']['steps'][expert]
+            if s['median_seconds']:
+                s['ratio_to_floor'] = s['median_seconds'] / (2 * floor['seconds'])
     return result
 
 

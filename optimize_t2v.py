@@ -1,0 +1,92 @@
+"""Optimize an existing WanT2V pipeline in place, or report what this machine supports.
+
+Library use (one implementation of every optimization, shared with WanT2VOptimized):
+
+    from optimize_t2v import optimize_pipeline
+    pipe = wan.WanT2V(config, checkpoint_dir=...)
+    optimize_pipeline(pipe, compile=True, attention='auto')   # same object, now optimized
+
+Command line: a report of the GPU, its free memory, the importable attention kernels and
+their measured speed at the requested size, and the memory plan the optimized pipeline
+would choose.
+
+    python optimize_t2v.py --size 1280*720 --frame_num 81
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from wan.text2video_optimized import OptimizationConfig, optimize_pipeline
+
+__all__ = ['optimize_pipeline', 'OptimizationConfig', 'report']
+
+
+def report(task: str = 't2v-A14B', size: str = '1280*720', frame_num: int = 81,
+           time_kernels: bool = True) -> dict:
+    """What this machine supports for `task` at `size` (dict, also logged)."""
+    import torch
+
+    from wan.configs import SIZE_CONFIGS, WAN_CONFIGS
+    from wan.modules.attention import available_backends, resolve_backend
+    from wan.utils.memory_plan import plan_memory, tokens_for
+
+    cfg = WAN_CONFIGS[task]
+    wh = SIZE_CONFIGS[size]
+    tokens = tokens_for(wh, frame_num, cfg.vae_stride, cfg.patch_size)
+    out = {'task': task, 'size': size, 'frame_num': frame_num, 'tokens': tokens,
+           'torch': torch.__version__, 'cuda_available': torch.cuda.is_available(),
+           'attention_backends': available_backends(),
+           'auto_attention': resolve_backend('auto'),
+           'reference_attention': resolve_backend('reference')}
+    if not torch.cuda.is_available():
+        out['note'] = 'no CUDA device: the pipeline runs on the CPU (tiny models only)'
+        return out
+    prop = torch.cuda.get_device_properties(0)
+    free, total = torch.cuda.mem_get_info(0)
+    out.update(gpu=prop.name, capability=f'{prop.major}.{prop.minor}',
+               total_gib=total / 2**30, free_gib=free / 2**30)
+    plan = plan_memory(free, wh, frame_num, dim=cfg.dim, ffn_dim=cfg.ffn_dim,
+                       num_layers=cfg.num_layers,
+                       want_batched_cfg=OptimizationConfig().batched_cfg)
+    out['memory_plan'] = plan.describe()
+    if time_kernels:
+        from benchmark_t2v import measure_ceilings
+        out['ceilings'] = measure_ceilings(cfg, tokens, torch.device('cuda'))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description='Report GPU, attention kernels and memory plan.')
+    p.add_argument('--task', default='t2v-A14B')
+    p.add_argument('--size', default='1280*720')
+    p.add_argument('--frame_num', type=int, default=81)
+    p.add_argument('--no-time', dest='time_kernels', action='store_false',
+                   help='skip timing the attention kernels and the GEMM rate')
+    p.add_argument('--json', action='store_true', help='print JSON instead of text')
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format='[%(asctime)s] %(levelname)s: %(message)s')
+    from wan.configs import SIZE_CONFIGS, WAN_CONFIGS
+    if args.task not in WAN_CONFIGS or args.size not in SIZE_CONFIGS:
+        p.error(f'unknown task or size; tasks {list(WAN_CONFIGS)}, sizes {list(SIZE_CONFIGS)}')
+    out = report(args.task, args.size, args.frame_num, args.time_kernels)
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    for key, value in out.items():
+        if key == 'ceilings':
+            print(f"bf16 GEMM: {value['gemm_bf16_tflops']} TFLOP/s")
+            for name, v in value['attention'].items():
+                print(f"attention {name}: " + (f"{v['seconds'] * 1e3:.1f} ms/layer, "
+                                               f"{v['tflops']:.0f} TFLOP/s" if 'seconds' in v
+                                               else v['error']))
+        else:
+            print(f'{key}: {value}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
