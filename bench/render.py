@@ -253,7 +253,68 @@ def table_planner() -> str:
     return '\n'.join(rows)
 
 
+def table_key_figures() -> str:
+    r4, r7 = load('480p'), load('720p')
+    rows = ['| figure | 832*480 | 1280*720 |', '|---|---|---|']
+
+    def step(r, mode):
+        m = r['modes'].get(mode)
+        return None if not m else m['steps']['high']['median_seconds']
+
+    def prof(name, key, fam):
+        p, _ = profile_of(name, key)
+        if not p:
+            return None
+        g = p['seconds_by_family']
+        if fam == 'other':
+            return sum(v for k, v in g.items() if k not in ('attention', 'gemm', 'fused_triton'))
+        return g.get(fam, 0.0)
+
+    def pair(a, b, nd=2, unit=' s'):
+        return f'{f(a, nd)}{unit} → {f(b, nd)}{unit}' if a is not None and b is not None \
+            else 'n/m'
+
+    floor = {n: load(n)['floor_per_forward'] for n in ('480p', '720p')}
+    rows += [
+        '| (A) reference step, its own kernel → the optimized kernel (high-noise) | '
+        f"{pair(step(r4, 'baseline'), step(r4, 'baseline_same_kernel'))} | "
+        f"{pair(step(r7, 'baseline'), step(r7, 'baseline_same_kernel'))} |",
+        '| (B) unfused elementwise/copies/norms per forward, reference → optimized (+ fused '
+        'Triton) | ' + ' | '.join(
+            f"{f(prof(n, 'baseline', 'other'))} s → {f(prof(n, 'optimized', 'other'))} s "
+            f"(+ {f(prof(n, 'optimized', 'fused_triton'))} s)" for n in ('480p', '720p')) + ' |',
+        '| (C) expert swaps per video, reference → optimized | ' + ' | '.join(
+            pair(sum(r['modes']['baseline']['switch_seconds']),
+                 sum(r['modes']['optimized']['switch_seconds'])) for r in (r4, r7)) + ' |',
+        '| (D) T5 encode, reference → optimized | ' + ' | '.join(
+            pair(med(r['modes']['baseline']['t5_seconds']),
+                 med(r['modes']['optimized']['t5_seconds'])) for r in (r4, r7)) + ' |',
+        '| (E) VAE decode, reference → optimized (cuDNN autotuning) | ' + ' | '.join(
+            pair(med(r['modes']['baseline']['decode_seconds']),
+                 med(r['modes']['optimized']['decode_seconds'])) for r in (r4, r7)) + ' |',
+        '| (F) per forward: attention in the optimized profile vs 40 x standalone FA3 | '
+        + ' | '.join(pair(floor[n]['attention_seconds'], prof(n, 'optimized', 'attention'))
+                     for n in ('480p', '720p')) + ' |',
+        '| (G) per forward: GEMMs in the optimized profile vs GEMM FLOPs at the 8192³ rate | '
+        + ' | '.join(pair(floor[n]['gemm_seconds'], prof(n, 'optimized', 'gemm'))
+                     for n in ('480p', '720p')) + ' |',
+        '| (H) optimized DiT step / floor step | ' + ' | '.join(
+            f(r['modes']['optimized']['steps']['high'].get('ratio_to_floor'), 3)
+            for r in (r4, r7)) + ' |',
+        '| (I) first-call compile + warm-up of the optimized path | ' + ' | '.join(
+            f"{f(r['modes']['optimized'].get('warmup_compile_seconds'), 1)} s"
+            if r['modes']['optimized'].get('warmup_compile_seconds') is not None else
+            f"{f(r['modes']['optimized']['steps']['high'].get('first_step_overhead_seconds'), 1)}"
+            " s (first-step overhead)" for r in (r4, r7)) + ' |',
+    ]
+    rows += ['', f"From `bench/results/{RUNS['480p']}` and `bench/results/{RUNS['720p']}` "
+                 '(profiles of one batch-1 forward; the 720p optimized profile from the log '
+                 'next to its JSON); n/m = not measured.']
+    return '\n'.join(rows)
+
+
 TABLES = {
+    'key-figures': table_key_figures,
     'targets': table_targets,
     'planner': table_planner,
     'stages-480p': lambda: table_stages('480p'),
@@ -263,7 +324,7 @@ TABLES = {
     'claims': table_claims,
 }
 
-MARK = re.compile(r'(<!-- BEGIN (?P<name>[\w-]+) -->\n)(.*?)(\n<!-- END (?P=name) -->)', re.S)
+MARK = re.compile(r'(<!-- BEGIN (?P<name>[\w-]+) -->\n)(.*?)(<!-- END (?P=name) -->)', re.S)
 
 
 def render_text(text: str) -> str:
@@ -271,7 +332,7 @@ def render_text(text: str) -> str:
         name = m.group('name')
         if name not in TABLES:
             raise KeyError(f'unknown table {name!r}')
-        return m.group(1) + TABLES[name]() + m.group(4)
+        return m.group(1) + TABLES[name]() + '\n' + m.group(4)
     return MARK.sub(sub, text)
 
 
