@@ -53,6 +53,10 @@ def add_reference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              '(default: True on one GPU, False with several).')
     parser.add_argument('--ulysses_size', type=int, default=1,
                         help='The size of the Ulysses sequence-parallel group.')
+    parser.add_argument('--cfg_parallel', action='store_true', default=False,
+                        help='Run the conditional and unconditional passes on two halves of '
+                             'the ranks (world size = 2 x ulysses_size; this project\'s '
+                             'addition).')
     parser.add_argument('--t5_fsdp', action='store_true', default=False,
                         help='Shard the T5 encoder with FSDP.')
     parser.add_argument('--t5_cpu', action='store_true', default=False,
@@ -153,6 +157,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise UserError('--prompt is empty; give a text prompt')
     if args.base_seed < 0:
         args.base_seed = random.randint(0, sys.maxsize)
+    # Parallel layout: pure argument checks, identical on every rank and before any
+    # collective, so a bad combination exits on every rank instead of hanging.
+    if args.ulysses_size < 1:
+        raise UserError(f'--ulysses_size must be >= 1, got {args.ulysses_size}')
     if world_size == 1:
         if args.t5_fsdp or args.dit_fsdp:
             raise UserError('--t5_fsdp/--dit_fsdp need a distributed launch (torchrun with '
@@ -160,6 +168,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         if args.ulysses_size > 1:
             raise UserError('--ulysses_size > 1 needs a distributed launch (torchrun '
                             '--nproc_per_node=N)')
+        if args.cfg_parallel:
+            raise UserError('--cfg_parallel needs a distributed launch with 2 x ulysses_size '
+                            'processes (torchrun --nproc_per_node='
+                            f'{2 * args.ulysses_size})')
+    elif args.cfg_parallel:
+        if world_size != 2 * args.ulysses_size:
+            raise UserError(f'--cfg_parallel with --ulysses_size {args.ulysses_size} needs '
+                            f'world size {2 * args.ulysses_size}, got {world_size}')
     else:
         if args.ulysses_size > 1 and args.ulysses_size != world_size:
             raise UserError(f'--ulysses_size {args.ulysses_size} must equal the world size '
@@ -242,6 +258,18 @@ def save_output(video, args, fps: int) -> None:
         raise UserError(f'failed to save the video to {args.save_file}: {exc}') from exc
 
 
+def generate_and_save(pipe, args: argparse.Namespace, cfg, rank: int) -> None:
+    """One video for args.prompt, written to args.save_file by rank 0."""
+    from wan.configs import SIZE_CONFIGS
+    logging.info('Generating video ...')
+    video = pipe.generate(args.prompt, size=SIZE_CONFIGS[args.size], frame_num=args.frame_num,
+                          shift=args.sample_shift, sample_solver=args.sample_solver,
+                          sampling_steps=args.sample_steps, guide_scale=args.sample_guide_scale,
+                          seed=args.base_seed, offload_model=args.offload_model)
+    if rank == 0:
+        save_output(video, args, cfg.sample_fps)
+
+
 def build_pipeline(args, cfg, rank, local_rank, pipeline_cls=None, **extra):
     import wan
     cls = pipeline_cls or wan.WanT2V
@@ -249,13 +277,15 @@ def build_pipeline(args, cfg, rank, local_rank, pipeline_cls=None, **extra):
     return cls(config=cfg, checkpoint_dir=args.ckpt_dir, device_id=local_rank, rank=rank,
                t5_fsdp=args.t5_fsdp, dit_fsdp=args.dit_fsdp, use_sp=(args.ulysses_size > 1),
                t5_cpu=args.t5_cpu, convert_model_dtype=args.convert_model_dtype,
-               random_init=args.random_init, random_init_seed=args.random_init_seed, **extra)
+               random_init=args.random_init, random_init_seed=args.random_init_seed,
+               cfg_parallel=getattr(args, 'cfg_parallel', False),
+               ulysses_size=args.ulysses_size, **extra)
 
 
 def generate(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-    from wan.configs import SIZE_CONFIGS, WAN_CONFIGS
+    from wan.configs import WAN_CONFIGS
     from wan.distributed.util import broadcast_seed
 
     rank, world_size, local_rank = init_distributed(args)
@@ -271,14 +301,7 @@ def generate(args: argparse.Namespace) -> None:
     logging.info('Input prompt: %s', args.prompt)
 
     pipe = build_pipeline(args, cfg, rank, local_rank)
-    logging.info('Generating video ...')
-    video = pipe.generate(args.prompt, size=SIZE_CONFIGS[args.size], frame_num=args.frame_num,
-                          shift=args.sample_shift, sample_solver=args.sample_solver,
-                          sampling_steps=args.sample_steps, guide_scale=args.sample_guide_scale,
-                          seed=args.base_seed, offload_model=args.offload_model)
-    if rank == 0:
-        save_output(video, args, cfg.sample_fps)
-    del video
+    generate_and_save(pipe, args, cfg, rank)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     if dist.is_initialized():

@@ -70,7 +70,7 @@ def read_prompt_file(path: str) -> list:
 def generate(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-    from wan.configs import SIZE_CONFIGS, WAN_CONFIGS
+    from wan.configs import WAN_CONFIGS
     from wan.distributed.util import broadcast_seed
     from wan.text2video_optimized import OptimizationConfig, WanT2VOptimized
 
@@ -110,15 +110,7 @@ def generate(args: argparse.Namespace) -> None:
             base = save_pattern or ref_cli.default_save_file(args)
             args.save_file = f'{os.path.splitext(base)[0]}_{i:03d}.mp4'
         logging.info('Input prompt: %s', prompt)
-        logging.info('Generating video ...')
-        video = pipe.generate(prompt, size=SIZE_CONFIGS[args.size], frame_num=args.frame_num,
-                              shift=args.sample_shift, sample_solver=args.sample_solver,
-                              sampling_steps=args.sample_steps,
-                              guide_scale=args.sample_guide_scale, seed=args.base_seed,
-                              offload_model=args.offload_model)
-        if rank == 0:
-            ref_cli.save_output(video, args, cfg.sample_fps)
-        del video
+        ref_cli.generate_and_save(pipe, args, cfg, rank)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     if dist.is_initialized():

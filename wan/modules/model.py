@@ -89,23 +89,28 @@ def _rope_split(head_dim: int) -> List[int]:
     return [c - 2 * (c // 3), c // 3, c // 3]
 
 
+def _grid_freqs(freqs: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+    """(f*h*w, head_dim/2) complex rotations of each token, tokens in (f, h, w) order."""
+    parts = freqs.split(_rope_split(freqs.size(1) * 2), dim=1)
+    return torch.cat([
+        parts[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+        parts[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
+        parts[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
+    ], dim=-1).reshape(f * h * w, -1)
+
+
 def rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Reference 3D RoPE: float64 complex rotation of interleaved channel pairs, fp32 out.
 
     x: (B, L, heads, head_dim); grid_sizes: (B, 3) of (F, Hp, Wp); freqs: (1024, head_dim/2)
     complex. Tokens past F*Hp*Wp pass through unrotated.
     """
-    n, c = x.size(2), x.size(3) // 2
-    freqs = freqs.split(_rope_split(x.size(3)), dim=1)
+    n = x.size(2)
     out = []
     for i, (f, h, w) in enumerate(grid_sizes.tolist()):
         seq = f * h * w
         xi = torch.view_as_complex(x[i, :seq].to(torch.float64).reshape(seq, n, -1, 2))
-        fi = torch.cat([
-            freqs[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
-            freqs[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
-            freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
-        ], dim=-1).reshape(seq, 1, -1)
+        fi = _grid_freqs(freqs, f, h, w).unsqueeze(1)
         xi = torch.view_as_real(xi * fi).flatten(2)
         out.append(torch.cat([xi, x[i, seq:].to(torch.float64)]))
     return torch.stack(out).float()
@@ -118,16 +123,10 @@ def rope_cos_sin(grid_sizes: torch.Tensor, freqs: torch.Tensor, seq_len: int,
     Derived from the same float64 table as rope_apply, so rotating with it is the same math
     in fp32 instead of float64 (differences at fp32 rounding level).
     """
-    split = _rope_split(freqs.size(1) * 2)
-    parts = freqs.split(split, dim=1)
     tables = []
     for f, h, w in grid_sizes.tolist():
         seq = f * h * w
-        fi = torch.cat([
-            parts[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
-            parts[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
-            parts[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
-        ], dim=-1).reshape(seq, -1)
+        fi = _grid_freqs(freqs, f, h, w)
         pad = torch.ones(seq_len - seq, fi.size(1), dtype=fi.dtype, device=fi.device)
         fi = torch.cat([fi, pad])
         tables.append(torch.stack([fi.real, fi.imag], dim=-1))
