@@ -78,14 +78,43 @@ class WanT2V:
                  *,
                  random_init: bool = False,
                  random_init_seed: int = 0,
-                 device: Optional[Union[str, torch.device]] = None):
+                 device: Optional[Union[str, torch.device]] = None,
+                 cfg_parallel: bool = False,
+                 ulysses_size: Optional[int] = None):
         """Build the pipeline from `checkpoint_dir` (REFERENCE.md §3 layout).
 
         Keyword-only additions: `random_init` builds every component with deterministic
         random weights (seeded by `random_init_seed`) instead of reading a checkpoint, with
         the experts materialised directly on the GPU; `device` overrides the device (default
-        `cuda:{device_id}`, or the CPU when CUDA is absent).
+        `cuda:{device_id}`, or the CPU when CUDA is absent). `cfg_parallel` runs the
+        conditional and unconditional passes on the two halves of the world
+        (wan/distributed/cfg_parallel.py); `ulysses_size` is the Ulysses degree (default: the
+        world size, halved with cfg_parallel, when use_sp; 1 otherwise).
         """
+        # Distributed layout (SP / CFG parallel): validated before any collective, so that a
+        # bad combination fails identically on every rank instead of hanging.
+        self.cfg_parallel = cfg_parallel
+        self.sp_group = self.cfg_group = None
+        self.sp_size = 1
+        self.parallel_info = None
+        if use_sp or cfg_parallel:
+            from .distributed.cfg_parallel import make_groups, parallel_layout
+            from .distributed.sequence_parallel import check_sp_heads
+            from .distributed.util import get_world_size
+            world = get_world_size()
+            if world == 1:
+                raise ValueError('use_sp / cfg_parallel need an initialized process group with '
+                                 'more than one rank (torchrun --nproc_per_node=N)')
+            if ulysses_size is None and not use_sp:
+                ulysses_size = 1
+            _, ulysses_size = parallel_layout(world, ulysses_size, cfg_parallel)
+            if use_sp:
+                check_sp_heads(config.num_heads, ulysses_size)
+                self.sp_size = ulysses_size
+            elif ulysses_size != 1:
+                raise ValueError(f'ulysses_size {ulysses_size} > 1 needs use_sp=True')
+            self.sp_group, self.cfg_group, self.parallel_info = make_groups(
+                world, ulysses_size, cfg_parallel)
         self.device = torch.device(device) if device is not None else (
             torch.device(f'cuda:{device_id}') if torch.cuda.is_available()
             else torch.device('cpu'))
@@ -96,7 +125,7 @@ class WanT2V:
         self.num_train_timesteps = config.num_train_timesteps
         self.boundary = config.boundary
         self.param_dtype = config.param_dtype
-        if t5_fsdp or dit_fsdp or use_sp:
+        if t5_fsdp or dit_fsdp or use_sp or cfg_parallel:
             self.init_on_cpu = False
         if not random_init:
             check_checkpoint_dir(config, checkpoint_dir)
@@ -112,7 +141,8 @@ class WanT2V:
         shard_fn = None
         if t5_fsdp or dit_fsdp:
             from .distributed.fsdp import shard_model
-            shard_fn = lambda m: shard_model(m, device_id=device_id)  # noqa: E731
+            # **kw: T5EncoderModel calls shard_fn(model, sync_module_states=False)
+            shard_fn = lambda m, **kw: shard_model(m, device_id=self.device, **kw)  # noqa: E731
 
         t5_arch = {v: config[k] for k, v in T5_ARCH_KEYS.items() if k in config}
         logging.info('loading %s', 'random T5 weights' if random_init else
@@ -142,10 +172,6 @@ class WanT2V:
             dim=config.get('vae_dim', 96),
             random_init_seed=random_init_seed + 1 if random_init else None)
 
-        self.sp_size = 1
-        if use_sp:
-            from .distributed.util import get_world_size
-            self.sp_size = get_world_size()
         # low-noise expert first, then high-noise, as the reference
         self.low_noise_model = self._build_expert(config.low_noise_checkpoint, checkpoint_dir,
                                                   random_init_seed + 2, use_sp, dit_fsdp,
@@ -188,11 +214,14 @@ class WanT2V:
             attn_dtype=self.param_dtype if self.param_dtype in half else torch.float32))
         if use_sp:
             from .distributed.sequence_parallel import apply_sequence_parallel
-            apply_sequence_parallel(model)
+            apply_sequence_parallel(model, group=self.sp_group)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         if dit_fsdp:
-            model = shard_fn(model)
+            # CPU autocast has no fp32 mode (see convert_model_dtype above): on the CPU the
+            # FSDP compute params stay fp32 so that the fp32 islands keep working
+            model = shard_fn(model, param_dtype=torch.float32) if self.device.type == 'cpu' \
+                else shard_fn(model)
         else:
             if convert_model_dtype:
                 model.to(self.param_dtype)
@@ -234,6 +263,11 @@ class WanT2V:
                        context: torch.Tensor, context_null: torch.Tensor, seq_len: int,
                        guide_scale: float) -> torch.Tensor:
         """Classifier-free guidance: conditional pass, then unconditional, combined in fp32."""
+        if self.cfg_parallel:
+            # the two passes on the two CFG ranks, one all_gather, same combination
+            from .distributed.cfg_parallel import cfg_parallel_predict
+            return cfg_parallel_predict(model, latents, t, context, context_null, seq_len,
+                                        guide_scale, self.cfg_group)
         timestep = torch.stack([t])
         cond = model([latents], t=timestep, context=[context], seq_len=seq_len)[0]
         uncond = model([latents], t=timestep, context=[context_null], seq_len=seq_len)[0]
@@ -292,7 +326,12 @@ class WanT2V:
                             target_shape[1] / self.sp_size) * self.sp_size
         if n_prompt == '':
             n_prompt = self.sample_neg_prompt
-        seed = seed if seed >= 0 else random.randint(0, sys.maxsize)
+        if dist.is_available() and dist.is_initialized():
+            # every rank must draw the same noise: ValueError on every rank if seeds differ
+            from .distributed.util import agree_on_seed
+            seed = agree_on_seed(seed)
+        else:
+            seed = seed if seed >= 0 else random.randint(0, sys.maxsize)
         seed_g = torch.Generator(device=self.device)
         seed_g.manual_seed(seed)
 

@@ -125,12 +125,14 @@ class WanT2VOptimized(WanT2V):
                  optimizations: Optional[OptimizationConfig] = None,
                  random_init: bool = False,
                  random_init_seed: int = 0,
-                 device: Optional[Union[str, torch.device]] = None):
+                 device: Optional[Union[str, torch.device]] = None,
+                 cfg_parallel: bool = False,
+                 ulysses_size: Optional[int] = None):
         super().__init__(config, checkpoint_dir, device_id=device_id, rank=rank,
                          t5_fsdp=t5_fsdp, dit_fsdp=dit_fsdp, use_sp=use_sp, t5_cpu=t5_cpu,
                          init_on_cpu=init_on_cpu, convert_model_dtype=convert_model_dtype,
                          random_init=random_init, random_init_seed=random_init_seed,
-                         device=device)
+                         device=device, cfg_parallel=cfg_parallel, ulysses_size=ulysses_size)
         opts = optimizations or OptimizationConfig(compile=enable_compile,
                                                    compile_mode=compile_mode,
                                                    tf32=enable_tf32, attention=attention)
@@ -174,6 +176,8 @@ class WanT2VOptimized(WanT2V):
                  offload_model: bool = False, batched_cfg: Optional[bool] = None) -> MemoryPlan:
         """The placement plan for one generate() call (logged)."""
         want_batched = self.opt.batched_cfg if batched_cfg is None else batched_cfg
+        # CFG parallelism: one pass per rank, never a batch of two
+        want_batched = want_batched and not getattr(self, 'cfg_parallel', False)
         want_resident = self.opt.resident and not offload_model
         if self.device.type != 'cuda':
             plan = MemoryPlan(fits=True, experts_resident=True, batched_cfg=want_batched,
@@ -313,7 +317,9 @@ class WanT2VOptimized(WanT2V):
             offload.to_device(torch.device(device))
 
     def _predict_noise(self, model, latents, t, context, context_null, seq_len, guide_scale):
-        if self._plan is None or not self._plan.batched_cfg:
+        # CFG parallelism (handled by WanT2V._predict_noise) wins over batched CFG
+        if self._plan is None or not self._plan.batched_cfg or getattr(self, 'cfg_parallel',
+                                                                         False):
             return super()._predict_noise(model, latents, t, context, context_null, seq_len,
                                           guide_scale)
         cond, uncond = model([latents, latents], t=torch.stack([t, t]),

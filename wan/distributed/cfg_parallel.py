@@ -1,0 +1,112 @@
+"""CFG parallelism: the conditional and unconditional passes on different ranks.
+
+With `--cfg_parallel` the world is cfg_size (2) x ulysses_size ranks. Rank layout (ulysses
+groups are contiguous, so they stay inside a node's NVLink domain):
+
+    rank = cfg_index * ulysses_size + sp_index
+    SP (Ulysses) group c:  ranks [c*U, ..., c*U + U - 1]           (c = 0: cond, 1: uncond)
+    CFG group j:           ranks [j, U + j]                        (one rank per CFG branch)
+
+Each step, the ranks of CFG branch 0 run the conditional forward and those of branch 1 the
+unconditional one (each branch Ulysses-parallel inside its SP group when U > 1); one
+all_gather inside the CFG group then hands both predictions to every rank, which combines
+them as u + s * (c - u) in fp32 -- the same expression, on the same values, as the sequential
+reference, so every rank computes an identical latent update.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = ['ParallelInfo', 'parallel_layout', 'make_groups', 'cfg_parallel_predict']
+
+
+@dataclass(frozen=True)
+class ParallelInfo:
+    rank: int
+    world_size: int
+    ulysses_size: int
+    cfg_size: int          # 2 with CFG parallelism, else 1
+    cfg_rank: int          # 0: conditional branch, 1: unconditional branch
+    sp_rank: int           # rank inside the Ulysses group
+    sp_ranks: Tuple[int, ...]
+    cfg_ranks: Tuple[int, ...]
+
+
+def parallel_layout(world_size: int, ulysses_size: Optional[int],
+                    cfg_parallel: bool) -> Tuple[int, int]:
+    """(cfg_size, ulysses_size) for this world; ValueError when they do not multiply to it.
+
+    `ulysses_size=None` means the whole world (divided by 2 with CFG parallelism). Pure
+    arithmetic, no collective: it fails identically on every rank.
+    """
+    cfg_size = 2 if cfg_parallel else 1
+    if cfg_parallel and world_size < 2:
+        raise ValueError('CFG parallelism needs a distributed launch with 2 x ulysses_size '
+                         'processes (e.g. torchrun --nproc_per_node=2 ... --cfg_parallel)')
+    if ulysses_size is None:
+        if world_size % cfg_size:
+            raise ValueError(f'CFG parallelism needs an even world size, got {world_size}')
+        ulysses_size = world_size // cfg_size
+    if ulysses_size < 1 or ulysses_size * cfg_size != world_size:
+        raise ValueError(f'world size {world_size} must equal ulysses_size {ulysses_size} x '
+                         f'{cfg_size} ({"with" if cfg_parallel else "without"} CFG '
+                         f'parallelism)')
+    return cfg_size, ulysses_size
+
+
+def make_groups(world_size: int, ulysses_size: Optional[int], cfg_parallel: bool):
+    """Build the process groups; returns (sp_group, cfg_group, ParallelInfo).
+
+    Every rank must call this with the same arguments (dist.new_group is collective over the
+    world). Without CFG parallelism the SP group is the whole world (None, as the reference)
+    and cfg_group is None.
+    """
+    cfg_size, u = parallel_layout(world_size, ulysses_size, cfg_parallel)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if dist.is_initialized() and dist.get_world_size() != world_size:
+        raise ValueError(f'world_size {world_size} differs from the process group\'s '
+                         f'{dist.get_world_size()}')
+    all_sp = [tuple(range(c * u, (c + 1) * u)) for c in range(cfg_size)]
+    all_cfg = [tuple(j + c * u for c in range(cfg_size)) for j in range(u)]
+    sp_ranks = next(r for r in all_sp if rank in r)
+    cfg_ranks = next(r for r in all_cfg if rank in r)
+    info = ParallelInfo(rank=rank, world_size=world_size, ulysses_size=u, cfg_size=cfg_size,
+                        cfg_rank=rank // u, sp_rank=rank % u, sp_ranks=sp_ranks,
+                        cfg_ranks=cfg_ranks)
+    if not cfg_parallel:
+        return None, None, info
+    sp_group = cfg_group = None
+    # same creation order on every rank
+    for ranks in all_sp:
+        g = dist.new_group(list(ranks))
+        if rank in ranks:
+            sp_group = g
+    for ranks in all_cfg:
+        g = dist.new_group(list(ranks))
+        if rank in ranks:
+            cfg_group = g
+    return sp_group, cfg_group, info
+
+
+def cfg_parallel_predict(model, latents: torch.Tensor, t: torch.Tensor,
+                         context: torch.Tensor, context_null: torch.Tensor, seq_len: int,
+                         guide_scale: float, cfg_group) -> torch.Tensor:
+    """One CFG prediction with the two passes on the two ranks of `cfg_group`.
+
+    Group rank 0 runs the conditional pass, group rank 1 the unconditional one; the two
+    predictions are all_gathered, and every rank returns uncond + s * (cond - uncond).
+    """
+    if dist.get_world_size(cfg_group) != 2:
+        raise ValueError('the CFG group must hold exactly 2 ranks')
+    branch = dist.get_rank(cfg_group)
+    ctx = context if branch == 0 else context_null
+    pred = model([latents], t=torch.stack([t]), context=[ctx], seq_len=seq_len)[0]
+    pred = pred.contiguous()
+    both = [torch.empty_like(pred) for _ in range(2)]
+    dist.all_gather(both, pred, group=cfg_group)
+    cond, uncond = both
+    return uncond + guide_scale * (cond - uncond)
