@@ -23,8 +23,11 @@ from typing import List, Optional
 GiB = 2**30
 
 # Peak activation bytes per token and per batch element of the optimized DiT forward
-# (dim 5120, ffn 13824), scaled with dim and ffn_dim for other widths.
-ACT_BYTES_PER_TOKEN_A14B = 160 * 1024
+# (dim 5120, ffn 13824), scaled with dim and ffn_dim for other widths. Measured on the H100
+# (peak minus the two bf16 experts' 53.2 GiB): ~222 KiB at 1280*720 batch 1
+# (bench/results/h100_1280x720_both_e5722e6.json) and ~225 KiB at 832*480 batch 2
+# (h100_832x480_both_f26bcfb.json); rounded up.
+ACT_BYTES_PER_TOKEN_A14B = 232 * 1024
 # Wan2.1 VAE decode peak per output pixel per frame-chunk (fp32), from the reference
 # measurements 9.0 GiB at 832x480 and 20.2 GiB at 1280x720 (81 frames).
 VAE_BYTES_PER_PIXEL = 20.2 * GiB / (1280 * 720)
