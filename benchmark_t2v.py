@@ -31,7 +31,7 @@ import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -385,7 +385,7 @@ def main(argv=None) -> dict:
                         format='[%(asctime)s] %(levelname)s: %(message)s')
     from wan.configs import SIZE_CONFIGS, SUPPORTED_SIZES, WAN_CONFIGS
     from wan.text2video import WanT2V
-    from wan.text2video_optimized import WanT2VOptimized, optimize_pipeline
+    from wan.text2video_optimized import optimize_pipeline
     from wan.utils.memory_plan import tokens_for
 
     cfg = WAN_CONFIGS[args.task]

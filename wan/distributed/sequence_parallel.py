@@ -31,8 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..modules.attention import attention
-from ..modules.model import (WanModel, _fp32_region, _grid_freqs, rope_apply_fast,
-                             sinusoidal_embedding_1d)
+from ..modules.model import WanModel, _grid_freqs, rope_apply_fast
 
 __all__ = ['apply_sequence_parallel', 'all_to_all_heads_to_seq', 'all_to_all_seq_to_heads',
            'gather_sequence', 'sp_rope_freqs', 'sp_rope_apply', 'check_sp_heads']
@@ -159,8 +158,8 @@ def _split_tokens(u: torch.Tensor, seq_len: int, rank: int, world: int) -> torch
 
 def _sp_forward(self, x: List[torch.Tensor], t: torch.Tensor, context: List[torch.Tensor],
                 seq_len: int, y: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
-    """WanModel.forward under Ulysses SP (module docstring). Steps 1-4 mirror
-    WanModel.forward line by line; only the split, the RoPE slice and the gather are new."""
+    """WanModel.forward under Ulysses SP (module docstring): the same embeddings
+    (WanModel.embed/time_embed), then the split, the RoPE slice and the gather."""
     if y is not None:
         raise ValueError('y (image conditioning) is not used by the t2v model')
     group = self._sp_group
@@ -168,39 +167,12 @@ def _sp_forward(self, x: List[torch.Tensor], t: torch.Tensor, context: List[torc
     if seq_len % world != 0:
         raise ValueError(f'seq_len {seq_len} must be a multiple of the sequence-parallel size '
                          f'{world} (WanT2V.generate rounds it up)')
-    device = self.patch_embedding.weight.device
-    if self.freqs.device != device:
-        self.freqs = self.freqs.to(device)
-
-    # 1. patch embedding, flatten in (f, h, w) order, right-pad to seq_len
-    x = [self.patch_embedding(u.unsqueeze(0)) for u in x]
-    grid_sizes = torch.stack([torch.tensor(u.shape[2:], dtype=torch.long) for u in x])
-    x = [u.flatten(2).transpose(1, 2) for u in x]
-    seq_lens = torch.tensor([u.size(1) for u in x], dtype=torch.long)
-    assert seq_lens.max() <= seq_len, f'{int(seq_lens.max())} tokens > seq_len {seq_len}'
-    x = torch.cat([torch.cat([u, u.new_zeros(1, seq_len - u.size(1), u.size(2))], dim=1)
-                   for u in x])
-
-    # 2-3. time embedding (per token, or once per sample with per_sample_time)
-    if t.dim() == 1:
-        t = t.unsqueeze(1) if self.options.per_sample_time else \
-            t.unsqueeze(1).expand(t.size(0), seq_len)
-    elif self.options.per_sample_time and bool((t == t[:, :1]).all()):
-        t = t[:, :1]
+    x, grid_sizes, seq_lens, t, context = self.embed(x, t, context, seq_len)
     if t.size(1) == seq_len:
         # only this rank's tokens need a time embedding: the MLP is row-wise
         t = _split_tokens(t, seq_len, rank, world)
-    with _fp32_region(device):
-        bt, lt = t.shape
-        e = self.time_embedding(
-            sinusoidal_embedding_1d(self.freq_dim, t.flatten()).unflatten(0, (bt, lt))
-            .float())
-        e0 = self.time_projection(e).unflatten(2, (6, self.dim))
-        assert e.dtype == torch.float32 and e0.dtype == torch.float32
-
-    # 4. text: zero-pad each context to text_len BEFORE the MLP; no cross-attention mask
-    context = self.text_embedding(torch.stack([
-        torch.cat([u, u.new_zeros(self.text_len - u.size(0), u.size(1))]) for u in context]))
+    e, e0 = self.time_embed(t)
+    device = x.device
 
     # SP: this rank's contiguous chunk of the sequence and of its RoPE table
     x = _split_tokens(x, seq_len, rank, world)

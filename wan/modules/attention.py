@@ -175,7 +175,7 @@ def attention(q: torch.Tensor,
         v = v.to(dtype)
     if q_scale is not None:
         q = q * q_scale
-    b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    lq, lk = q.shape[1], k.shape[1]
     full_k = k_lens is None or bool((k_lens == lk).all())
     full_q = q_lens is None or bool((q_lens == lq).all())
 

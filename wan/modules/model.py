@@ -11,7 +11,6 @@ the reference behaviour.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from contextlib import contextmanager
@@ -368,6 +367,25 @@ class WanModel(nn.Module):
         (L_i, text_dim). Returns the list of predicted velocities (C, T', H', W') in fp32."""
         if y is not None:
             raise ValueError('y (image conditioning) is not used by the t2v model')
+        x, grid_sizes, seq_lens, t, context = self.embed(x, t, context, seq_len)
+        e, e0 = self.time_embed(t)
+        device = x.device
+        rope_table = self._rope_table(grid_sizes, seq_len, device) if self.options.fast_rope \
+            else None
+        # Keys are trimmed to the true lengths; with no padding that is the identity, and
+        # passing None lets the kernel skip the varlen packing (and compiled blocks a sync).
+        k_lens = None if bool((seq_lens == seq_len).all()) else seq_lens
+        for block in self.blocks:
+            x = block(x, e0, k_lens, grid_sizes, self.freqs, context, None, rope_table)
+
+        x = self.head(x, e)
+        return [u.float() for u in self.unpatchify(x, grid_sizes)]
+
+    def embed(self, x: List[torch.Tensor], t: torch.Tensor, context: List[torch.Tensor],
+              seq_len: int):
+        """Steps 1, 2 and 4 of the forward: the padded patch tokens (B, seq_len, dim), their
+        grid sizes and true lengths, the timesteps as (B, seq_len) -- one per token, as the
+        reference -- or (B, 1) with per_sample_time, and the embedded text context."""
         device = self.patch_embedding.weight.device
         if self.freqs.device != device:
             self.freqs = self.freqs.to(device)
@@ -381,34 +399,28 @@ class WanModel(nn.Module):
         x = torch.cat([torch.cat([u, u.new_zeros(1, seq_len - u.size(1), u.size(2))], dim=1)
                        for u in x])
 
-        # 2-3. time embedding: the reference expands t to one timestep per token
+        # 2. the reference expands t to one timestep per token
         if t.dim() == 1:
             t = t.unsqueeze(1) if self.options.per_sample_time else \
                 t.unsqueeze(1).expand(t.size(0), seq_len)
         elif self.options.per_sample_time and bool((t == t[:, :1]).all()):
             t = t[:, :1]
-        with _fp32_region(device):
+
+        # 4. text: zero-pad each context to text_len BEFORE the MLP; no cross-attention mask
+        context = self.text_embedding(torch.stack([
+            torch.cat([u, u.new_zeros(self.text_len - u.size(0), u.size(1))]) for u in context]))
+        return x, grid_sizes, seq_lens, t, context
+
+    def time_embed(self, t: torch.Tensor):
+        """Step 3: e (B, Lt, dim) and e0 (B, Lt, 6, dim) in fp32 for timesteps (B, Lt)."""
+        with _fp32_region(self.patch_embedding.weight.device):
             bt, lt = t.shape
             e = self.time_embedding(
                 sinusoidal_embedding_1d(self.freq_dim, t.flatten()).unflatten(0, (bt, lt))
                 .float())
             e0 = self.time_projection(e).unflatten(2, (6, self.dim))
             assert e.dtype == torch.float32 and e0.dtype == torch.float32
-
-        # 4. text: zero-pad each context to text_len BEFORE the MLP; no cross-attention mask
-        context = self.text_embedding(torch.stack([
-            torch.cat([u, u.new_zeros(self.text_len - u.size(0), u.size(1))]) for u in context]))
-
-        rope_table = self._rope_table(grid_sizes, seq_len, device) if self.options.fast_rope \
-            else None
-        # Keys are trimmed to the true lengths; with no padding that is the identity, and
-        # passing None lets the kernel skip the varlen packing (and compiled blocks a sync).
-        k_lens = None if bool((seq_lens == seq_len).all()) else seq_lens
-        for block in self.blocks:
-            x = block(x, e0, k_lens, grid_sizes, self.freqs, context, None, rope_table)
-
-        x = self.head(x, e)
-        return [u.float() for u in self.unpatchify(x, grid_sizes)]
+        return e, e0
 
     def _rope_table(self, grid_sizes, seq_len, device):
         key = (tuple(map(tuple, grid_sizes.tolist())), seq_len, str(device))
