@@ -576,9 +576,19 @@ def run_ablation(pipe, args, size, toggles: dict) -> dict:
             boundary = choose_boundary(pipe, args)
             if boundary is not None:
                 pipe.boundary = boundary
-            warm = pipe.warm_up(size, args.frame_num) if pipe.device.type == 'cuda' else 0.0
-            r = run_mode(pipe, args, size, f'ablate:{name}-off', args.seed,
-                         offload_model=False, generate_kwargs={})
+            try:
+                if pipe.device.type == 'cuda':
+                    torch.cuda.empty_cache()
+                warm = pipe.warm_up(size, args.frame_num) if pipe.device.type == 'cuda' else 0.0
+                r = run_mode(pipe, args, size, f'ablate:{name}-off', args.seed,
+                             offload_model=False, generate_kwargs={})
+            except torch.cuda.OutOfMemoryError as exc:
+                # a configuration that does not fit is a result too: record it, go on
+                logging.warning('[ablate:%s-off] out of GPU memory: %s', name, str(exc)[:200])
+                uninstrument(pipe)
+                torch.cuda.empty_cache()
+                out[name] = {'error': 'out of GPU memory', 'toggles': t}
+                continue
             r.pop('video')
             r.pop('x0')
             out[name] = {'steps': r['steps'], 'peak_gpu_gib': r['peak_gpu_gib'],
@@ -640,6 +650,9 @@ def print_table(result: dict) -> None:
         lines.append(f"optimized step / floor: high {opt['steps']['high']['ratio_to_floor']:.3f}"
                      f" low {_fmt(opt['steps']['low'].get('ratio_to_floor'), '', 3)}")
     for name, r in (result.get('ablation') or {}).items():
+        if 'error' in r:
+            lines.append(f"ablation {name + ' off':<26} {r['error']}")
+            continue
         s = r['steps']
         lines.append(f"ablation {name + ' off':<26} step hi {_fmt(s['high']['median_seconds'])}"
                      f" lo {_fmt(s['low']['median_seconds'])} peak {_fmt(r['peak_gpu_gib'], '', 1)}")

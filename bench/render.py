@@ -160,6 +160,9 @@ def table_ablation() -> str:
     for name in ('ablation_batched', '480p_default'):
         r = load(name)
         for key, a in (r.get('ablation') or {}).items():
+            if 'error' in a:
+                lines.append(f"| `{RUNS[name]}` | `{key}` off | {a['error']} | | |")
+                continue
             label = 'all defaults of that commit' if key == 'none' else f'`{key}` off'
             if key == 'batched_cfg':
                 label = '`batched_cfg` off (two batch-1 passes)'
