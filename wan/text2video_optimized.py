@@ -148,7 +148,7 @@ class WanT2VOptimized(WanT2V):
             # process-wide switches: set both ways so that toggling back restores the default
             torch.backends.cuda.matmul.allow_tf32 = opts.tf32
             torch.backends.cudnn.benchmark = opts.vae_cudnn_benchmark
-        if on_cuda and not hasattr(self, '_t5_offload'):
+        if on_cuda and not hasattr(self, '_t5_offload') and not _is_fsdp(self.text_encoder.model):
             # pinned host copy: T5 moves to the GPU at full PCIe bandwidth (~0.5 s, not ~10 s)
             self._t5_offload = PinnedOffload(self.text_encoder.model)
         self.attention_backend = resolve_backend(opts.attention, self.device)
@@ -309,6 +309,8 @@ class WanT2VOptimized(WanT2V):
 
     def _t5_to(self, device) -> None:
         offload = getattr(self, '_t5_offload', None)
+        if _is_fsdp(self.text_encoder.model):
+            return  # sharded across the ranks' GPUs: it stays where FSDP put it
         if offload is None:
             self.text_encoder.model.to(device)
         elif torch.device(device).type == 'cpu':
@@ -350,7 +352,7 @@ class WanT2VOptimized(WanT2V):
         # Plain moves: pinning 53 GiB of host memory took 95 s on the H100 machine, more than
         # it saves (see OPTIMIZATION_ANALYSIS.md).
         for m in (self.low_noise_model, self.high_noise_model):
-            if next(m.parameters()).device != torch.device(device):
+            if not _is_fsdp(m) and next(m.parameters()).device != torch.device(device):
                 m.to(device)
 
     # ------------------------------------------------------------------ generate
@@ -383,6 +385,11 @@ class WanT2VOptimized(WanT2V):
                                     offload_model=offload_model)
         finally:
             self._plan = None
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    return isinstance(module, FullyShardedDataParallel)
 
 
 def _param_bytes(module: nn.Module, on_device: Optional[torch.device] = None) -> int:
