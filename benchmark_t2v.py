@@ -333,7 +333,7 @@ def profile_forward(pipe, model, size, frame_num, label) -> dict:
 def _profile_forward(pipe, model, size, frame_num, label) -> dict:
     from torch.profiler import ProfilerActivity, profile
     shape = pipe.target_shape(size, frame_num)
-    seq_len = shape[1] * shape[2] * shape[3] // 4
+    seq_len = pipe.seq_len_for(shape)
     lat = torch.randn(*shape, device=pipe.device)
     ctx = torch.randn(20, pipe.config.get('text_dim', 4096), device=pipe.device,
                       dtype=torch.bfloat16)
@@ -383,15 +383,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
                         format='[%(asctime)s] %(levelname)s: %(message)s')
-    from wan.configs import SIZE_CONFIGS, SUPPORTED_SIZES, WAN_CONFIGS
+    from wan.configs import SIZE_CONFIGS, SUPPORTED_SIZES, WAN_CONFIGS, default_size
     from wan.text2video import WanT2V
     from wan.text2video_optimized import optimize_pipeline
     from wan.utils.memory_plan import tokens_for
 
     cfg = WAN_CONFIGS[args.task]
     if args.size is None:
-        args.size = '1280*720' if '1280*720' in SUPPORTED_SIZES[args.task] \
-            else SUPPORTED_SIZES[args.task][0]
+        args.size = default_size(args.task)
     if args.size not in SUPPORTED_SIZES[args.task]:
         raise SystemExit(f'unsupported size {args.size} for {args.task}: '
                          f'{SUPPORTED_SIZES[args.task]}')

@@ -118,7 +118,7 @@ def nearest_valid_frames(n: int) -> str:
 
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Fill defaults from the config and reject bad input before anything is built."""
-    from wan.configs import SUPPORTED_SIZES, UNSUPPORTED_TASKS, WAN_CONFIGS
+    from wan.configs import SUPPORTED_SIZES, UNSUPPORTED_TASKS, WAN_CONFIGS, default_size
     if args.task in UNSUPPORTED_TASKS:
         raise UserError(f'task {args.task!r} is not supported by this project (text-to-video '
                         f'only: t2v-A14B, t2v-tiny)')
@@ -133,8 +133,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise UserError(f'checkpoint directory not found: {args.ckpt_dir} '
                         f'(looked for {os.path.abspath(args.ckpt_dir)})')
     if args.size is None:
-        args.size = '1280*720' if '1280*720' in SUPPORTED_SIZES[args.task] \
-            else SUPPORTED_SIZES[args.task][0]
+        args.size = default_size(args.task)
     if args.size not in SUPPORTED_SIZES[args.task]:
         raise UserError(f'unsupported size {args.size!r} for task {args.task}; supported '
                         f'sizes: {", ".join(SUPPORTED_SIZES[args.task])}')

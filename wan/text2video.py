@@ -303,6 +303,12 @@ class WanT2V:
         return (self.vae.model.z_dim, (frame_num - 1) // self.vae_stride[0] + 1,
                 size[1] // self.vae_stride[1], size[0] // self.vae_stride[2])
 
+    def seq_len_for(self, target_shape) -> int:
+        """Token count of a latent, rounded up to a multiple of the SP size (reference §7.2)."""
+        return math.ceil((target_shape[2] * target_shape[3]) /
+                         (self.patch_size[1] * self.patch_size[2]) *
+                         target_shape[1] / self.sp_size) * self.sp_size
+
     def generate(self,
                  input_prompt: str,
                  size: Tuple[int, int] = (1280, 720),
@@ -321,9 +327,7 @@ class WanT2V:
         if isinstance(guide_scale, (int, float)):
             guide_scale = (float(guide_scale), float(guide_scale))
         target_shape = self.target_shape(size, frame_num)
-        seq_len = math.ceil((target_shape[2] * target_shape[3]) /
-                            (self.patch_size[1] * self.patch_size[2]) *
-                            target_shape[1] / self.sp_size) * self.sp_size
+        seq_len = self.seq_len_for(target_shape)
         if n_prompt == '':
             n_prompt = self.sample_neg_prompt
         if dist.is_available() and dist.is_initialized():

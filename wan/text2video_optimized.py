@@ -25,7 +25,6 @@ fp32 matmuls changes the fp32 islands' precision and is opt-in.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Optional, Tuple, Union
@@ -214,8 +213,7 @@ class WanT2VOptimized(WanT2V):
         t0 = time.perf_counter()
         plan = self.plan_for(size, frame_num, offload_model=False, batched_cfg=batched_cfg)
         shape = self.target_shape(size, frame_num)
-        seq_len = math.ceil(shape[2] * shape[3] / (self.patch_size[1] * self.patch_size[2]) *
-                            shape[1] / self.sp_size) * self.sp_size
+        seq_len = self.seq_len_for(shape)
         batch = 2 if plan.batched_cfg else 1
         self._t5_follow_plan(plan)
         self._pick_cross_attention_kernel(batch, seq_len)

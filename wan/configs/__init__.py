@@ -49,5 +49,12 @@ SUPPORTED_SIZES = {
     'animate-14B': ('720*1280', '1280*720'),
 }
 
-__all__ = ['WAN_CONFIGS', 'SIZE_CONFIGS', 'MAX_AREA_CONFIGS', 'SUPPORTED_SIZES',
+
+
+def default_size(task: str) -> str:
+    """The CLI's default --size for `task`: the reference's 1280*720 where supported."""
+    return '1280*720' if '1280*720' in SUPPORTED_SIZES[task] else SUPPORTED_SIZES[task][0]
+
+
+__all__ = ['default_size', 'WAN_CONFIGS', 'SIZE_CONFIGS', 'MAX_AREA_CONFIGS', 'SUPPORTED_SIZES',
            'UNSUPPORTED_TASKS']
