@@ -7,6 +7,14 @@ ratios and output agreement come from one run on one GPU.
     python benchmark_t2v.py --mode both --size 1280*720 --sample_steps 4 --save_results
     python benchmark_t2v.py --mode optimized --size 832*480 --ablate --save_results
     python benchmark_t2v.py --task t2v-tiny --mode both            # CPU smoke test
+    torchrun --nproc_per_node=4 benchmark_t2v.py --mode optimized --ulysses_size 4
+    python benchmark_t2v.py --mode optimized --scaling 1 2 4 --output scaling.json
+
+Under torchrun every rank runs the same pipeline (Ulysses / CFG parallel / FSDP as asked);
+rank 0 times, decodes and writes the JSON, with the peak memory of every rank. `--scaling`
+launches one torchrun per GPU count in turn (one process per GPU, Ulysses over all of them,
+or `Nc` for CFG parallelism x Ulysses N/2) and writes the per-step time at N GPUs against 1
+GPU, the scaling efficiency and the projected 40-step totals into one JSON.
 
 Measured per mode: model build/load, T5 encode, DiT time per denoising step for each expert
 (CUDA events, median over the steps after --warmup), expert switch/offload cost, VAE decode,
@@ -41,6 +49,24 @@ TOGGLES = ('batched_cfg', 'per_sample_time', 'fast_rope', 'bf16_weights', 'compi
            'vae_cudnn_benchmark')
 
 
+# ----------------------------------------------------------------------------- ranks
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def all_ranks(value) -> list:
+    """`value` from every rank, in rank order ([value] without a process group)."""
+    if not _distributed():
+        return [value]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
 # ----------------------------------------------------------------------------- timing
 class Timer:
     """Wall time on CPU; CUDA events bracketed by synchronisation on GPU."""
@@ -66,7 +92,8 @@ class Timer:
 
 def instrument(pipe, timer: Timer) -> Dict[str, list]:
     """Wrap the pipeline's stage hooks with timers; returns the lists they fill."""
-    rec = {'t5': [], 'switch': [], 'step': [], 'step_expert': [], 'decode': [], 'x0': []}
+    rec = {'t5': [], 'switch': [], 'step': [], 'step_expert': [], 'decode': [], 'x0': [],
+           'vae': []}
     boundary_t = pipe.boundary * pipe.num_train_timesteps
     hooks = {'_encode_text': 't5', '_prepare_model_for_timestep': 'switch',
              '_predict_noise': 'step', 'decode': 'decode'}
@@ -83,12 +110,21 @@ def instrument(pipe, timer: Timer) -> Dict[str, list]:
             return out
 
         setattr(pipe, attr, wrapped)
+    # the VAE alone: the pipeline's decode stage may also move the experts off the GPU first
+    vae_decode = type(pipe.vae).decode
+
+    def timed_vae_decode(*a, **k):
+        with timer(rec['vae']):
+            return vae_decode(pipe.vae, *a, **k)
+
+    pipe.vae.decode = timed_vae_decode
     return rec
 
 
 def uninstrument(pipe) -> None:
     for attr in ('_encode_text', '_prepare_model_for_timestep', '_predict_noise', 'decode'):
         pipe.__dict__.pop(attr, None)
+    pipe.vae.__dict__.pop('decode', None)
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -188,10 +224,14 @@ def run_mode(pipe, args, size, label: str, seed: int, offload_model: bool,
                      len(rec['step']) - rec_run_start)
     uninstrument(pipe)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
+    # every rank's peak (one process per GPU); the headline is the largest
+    peaks = all_ranks(peak)
     steps = summarize_steps(rec, args.warmup)
     return {'label': label, 'end_to_end_seconds': e2e, 't5_seconds': rec['t5'],
             'switch_seconds': rec['switch'], 'decode_seconds': rec['decode'],
-            'steps': steps, 'peak_gpu_gib': peak, 'video': video,
+            'vae_decode_seconds': rec['vae'],
+            'steps': steps, 'peak_gpu_gib': None if peak is None else max(peaks),
+            'peak_gpu_gib_per_rank': peaks, 'video': video,
             'x0': rec['x0'][-1] if rec['x0'] else None}
 
 
@@ -265,6 +305,16 @@ def parse_args(argv=None):
     p.add_argument('--ablate_steps', type=int, default=4)
     p.add_argument('--profile', action='store_true', help='torch.profiler breakdown of one '
                                                           'forward per mode')
+    # multi-GPU (under torchrun), as generate.py
+    p.add_argument('--ulysses_size', type=int, default=None,
+                   help='Ulysses degree (default under torchrun: every rank, halved with '
+                        '--cfg_parallel)')
+    p.add_argument('--cfg_parallel', action='store_true', default=False)
+    p.add_argument('--dit_fsdp', action='store_true', default=False)
+    p.add_argument('--t5_fsdp', action='store_true', default=False)
+    p.add_argument('--scaling', nargs='+', default=None, metavar='N',
+                   help="launch one torchrun per entry (N GPUs, Ulysses over all; 'Nc': CFG "
+                        "parallel x Ulysses N/2) and compare per-step times with N=1")
     p.add_argument('--output', default=None, help='JSON path')
     p.add_argument('--save_results', action='store_true',
                    help='write JSON under bench/results/ (default name from GPU and size)')
@@ -381,8 +431,19 @@ def _kernel_family(name: str) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
-                        format='[%(asctime)s] %(levelname)s: %(message)s')
+    if args.scaling:
+        return run_scaling(args, list(sys.argv[1:] if argv is None else argv))
+    from generate import init_distributed, init_logging
+    rank, world, local_rank = init_distributed(args)
+    init_logging(rank)
+    cfg_size = 2 if args.cfg_parallel else 1
+    ulysses = args.ulysses_size or max(1, world // cfg_size)
+    if ulysses * cfg_size != world:
+        raise SystemExit(f'{world} process(es) cannot run ulysses_size {ulysses} x '
+                         f'{cfg_size} (CFG): launch ulysses_size x {cfg_size} processes with '
+                         f'torchrun --nproc_per_node')
+    if args.profile and world > 1:
+        raise SystemExit('--profile times one forward on one GPU: run it without torchrun')
     from wan.configs import SIZE_CONFIGS, SUPPORTED_SIZES, WAN_CONFIGS, default_size
     from wan.text2video import WanT2V
     from wan.text2video_optimized import optimize_pipeline
@@ -402,8 +463,14 @@ def main(argv=None) -> dict:
     size = SIZE_CONFIGS[args.size]
     tokens = tokens_for(size, args.frame_num, cfg.vae_stride, cfg.patch_size)
 
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device('cuda', local_rank) if torch.cuda.is_available() else \
+        torch.device('cpu')
     result = {'schema': 'wan-fast-benchmark/1', 'env': environment(device),
+              'parallel': {'world_size': world, 'ulysses_size': ulysses,
+                           'cfg_parallel': args.cfg_parallel, 'dit_fsdp': args.dit_fsdp,
+                           't5_fsdp': args.t5_fsdp,
+                           'backend': torch.distributed.get_backend() if _distributed()
+                           else None},
               'settings': {k: v for k, v in vars(args).items()
                            if k not in ('guide_scale', '_result')},
               'task': args.task, 'size': args.size, 'frame_num': args.frame_num,
@@ -411,14 +478,19 @@ def main(argv=None) -> dict:
               'flops_per_forward': forward_flops(cfg, tokens), 'modes': {}}
     timer = Timer(device)
 
+    # one GPU's ceilings (rank 0's); with N GPUs the ideal step is the floor / N
     logging.info('measuring ceilings (bf16 GEMM, attention kernels at L=%d)', tokens)
-    result['ceilings'] = measure_ceilings(cfg, tokens, device)
+    result['ceilings'] = measure_ceilings(cfg, tokens, device if rank == 0 else
+                                          torch.device('cpu'))
     result['floor_per_forward'] = floor_per_forward(cfg, tokens, result['ceilings'])
 
     build = []
     with timer(build):
-        pipe = WanT2V(cfg, args.ckpt_dir, convert_model_dtype=args.convert_model_dtype,
-                      random_init=args.random_init, random_init_seed=0)
+        pipe = WanT2V(cfg, args.ckpt_dir, device_id=local_rank, rank=rank,
+                      t5_fsdp=args.t5_fsdp, dit_fsdp=args.dit_fsdp, use_sp=ulysses > 1,
+                      convert_model_dtype=args.convert_model_dtype,
+                      random_init=args.random_init, random_init_seed=0,
+                      cfg_parallel=args.cfg_parallel, ulysses_size=ulysses)
     result['build_seconds'] = build[0]
     boundary = choose_boundary(pipe, args)
     if boundary is not None:
@@ -435,7 +507,8 @@ def main(argv=None) -> dict:
         for m in (pipe.low_noise_model, pipe.high_noise_model):
             m.options.attn_backend = resolve_backend(args.baseline_attention,
                                                               pipe.device)
-        r = run_mode(pipe, args, size, 'baseline', args.seed, offload_model=True,
+        # the reference's offload default: on with one GPU, off under torchrun
+        r = run_mode(pipe, args, size, 'baseline', args.seed, offload_model=world == 1,
                      generate_kwargs={})
         r['attention_backend'] = pipe.low_noise_model.options.attn_backend
         videos['baseline'] = {'video': r.pop('video'), 'x0': r.pop('x0')}
@@ -449,7 +522,7 @@ def main(argv=None) -> dict:
             for m in (pipe.low_noise_model, pipe.high_noise_model):
                 m.options.attn_backend = kernel
             r2 = run_mode(pipe, args, size, f'baseline+{kernel}', args.seed,
-                          offload_model=True, generate_kwargs={})
+                          offload_model=world == 1, generate_kwargs={})
             r2['attention_backend'] = kernel
             videos['baseline_same_kernel'] = {'video': r2.pop('video'), 'x0': r2.pop('x0')}
             result['modes']['baseline_same_kernel'] = r2
@@ -481,6 +554,10 @@ def main(argv=None) -> dict:
             args._result = result
             result['ablation'] = run_ablation(pipe, args, size, toggles)
 
+    if rank != 0:  # rank 0 decodes, compares and writes
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        return result
     if 'baseline' in videos and 'optimized' in videos:
         result['agreement'] = agreement(videos['baseline'], videos['optimized'])
     if 'baseline' in videos and 'baseline_same_kernel' in videos:
@@ -504,6 +581,9 @@ def main(argv=None) -> dict:
         logging.info('results written to %s', path)
         result['output_path'] = path
     print_table(result)
+    if _distributed():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return result
 
 
@@ -530,17 +610,160 @@ def derive(result: dict) -> dict:
             result['speedup_same_kernel'] = _speedups(modes['baseline_same_kernel'],
                                                       modes['optimized'])
     floor = result.get('floor_per_forward')
+    # the ideal step on N GPUs: the two forwards' floor spread evenly over the N GPUs
+    world = result.get('parallel', {}).get('world_size', 1)
     if floor and 'optimized' in modes:
         for expert in ('high', 'low'):
             s = modes['optimized']['steps'][expert]
             if s['median_seconds']:
-                s['ratio_to_floor'] = s['median_seconds'] / (2 * floor['seconds'])
+                s['ratio_to_floor'] = s['median_seconds'] / (2 * floor['seconds'] / world)
     return result
+
+
+# ----------------------------------------------------------------------------- scaling
+_LAUNCH_OPTIONS = {'--scaling': '+', '--output': 1, '--ulysses_size': 1, '--save_results': 0,
+                   '--cfg_parallel': 0}
+
+
+def child_argv(argv: list) -> list:
+    """The command line without the options the scaling launcher sets per run."""
+    out, skip_many, i = [], False, 0
+    while i < len(argv):
+        tok = argv[i]
+        name = tok.split('=', 1)[0]
+        if skip_many and not tok.startswith('--'):
+            i += 1
+            continue
+        skip_many = False
+        if name in _LAUNCH_OPTIONS:
+            n = _LAUNCH_OPTIONS[name]
+            if n == '+':
+                skip_many = True
+            elif n == 1 and '=' not in tok:
+                i += 1
+            i += 1
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+def parse_scaling_spec(spec: str) -> tuple:
+    """'4' -> (4 processes, no CFG parallel); '4c' -> (4, CFG parallel, Ulysses 2)."""
+    cfg = spec.endswith('c')
+    try:
+        n = int(spec[:-1] if cfg else spec)
+    except ValueError:
+        raise SystemExit(f"--scaling entries are GPU counts like 4 or 4c, got {spec!r}")
+    if n < 1 or (cfg and n % 2):
+        raise SystemExit(f'--scaling {spec}: needs N >= 1 (and even with c)')
+    return n, cfg
+
+
+def run_scaling(args, argv: list) -> dict:
+    """One torchrun per --scaling entry, in turn; their results and the scaling in one JSON."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
+                        format='[%(asctime)s] %(levelname)s: %(message)s')
+    import tempfile
+    specs = [parse_scaling_spec(x) for x in args.scaling]
+    path = args.output or os.path.join(
+        'bench', 'results', f'scaling_{args.task}_{(args.size or "default").replace("*", "x")}_'
+        f'{datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")}.json')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    base = child_argv(argv)
+    tmp = tempfile.mkdtemp(prefix='wan_scaling_')
+    combined = {'schema': 'wan-fast-benchmark-scaling/1',
+                'command': ' '.join([os.path.basename(sys.executable), *sys.argv]),
+                'git_commit': git_commit(),
+                'date_utc': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+                'runs': []}
+    for n, cfg in specs:
+        ulysses = n // 2 if cfg else n
+        out = os.path.join(tmp, f'n{n}{"c" if cfg else ""}.json')
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+               f'--nproc_per_node={n}', os.path.abspath(__file__), *base,
+               '--ulysses_size', str(ulysses), '--output', out] + \
+            (['--cfg_parallel'] if cfg else [])
+        logging.info('scaling run: %d process(es), ulysses %d, cfg parallel %s', n, ulysses, cfg)
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd)
+        entry = {'nproc': n, 'ulysses_size': ulysses, 'cfg_parallel': cfg, 'returncode': rc,
+                 'wall_seconds': time.perf_counter() - t0}
+        for candidate, partial in ((out, False), (out + '.partial', True)):
+            if os.path.exists(candidate):
+                with open(candidate) as f:
+                    entry['result'] = derive(json.load(f))
+                entry['partial'] = partial
+                break
+        if rc != 0:
+            logging.warning('scaling run with %d process(es) failed (exit %d)', n, rc)
+        combined['runs'].append(entry)
+        derive_scaling(combined)
+        with open(path, 'w') as f:  # after every run: a later failure loses nothing
+            json.dump(combined, f, indent=2, default=str)
+    combined['output_path'] = path
+    logging.info('results written to %s', path)
+    print_scaling(combined)
+    return combined
+
+
+def derive_scaling(combined: dict) -> dict:
+    """Per-step time at N GPUs against 1 GPU (same mode, same size), efficiency, projections.
+
+    A run's step time is the 40-step mix of its expert medians (26 high-noise, 14 low-noise
+    steps for t2v-A14B), so both experts count as they do in a real generation.
+    """
+    rows = []
+    for run in combined['runs']:
+        res = run.get('result')
+        if not res or not res.get('modes'):
+            rows.append({'nproc': run['nproc'], 'cfg_parallel': run['cfg_parallel'],
+                         'error': f"exit {run['returncode']}, no result"})
+            continue
+        mode = 'optimized' if 'optimized' in res['modes'] else next(iter(res['modes']))
+        m = res['modes'][mode]
+        split = res['projection_split_40']
+        hi, lo = m['steps']['high']['median_seconds'], m['steps']['low']['median_seconds']
+        step = (split['high'] * hi + split['low'] * lo) / 40 if hi and lo else None
+        rows.append({'nproc': run['nproc'], 'ulysses_size': run['ulysses_size'],
+                     'cfg_parallel': run['cfg_parallel'], 'mode': mode,
+                     'step_high_seconds': hi, 'step_low_seconds': lo, 'step_seconds': step,
+                     'projected_40_step_seconds': m.get('projected_40_step_seconds'),
+                     'peak_gpu_gib_per_rank': m.get('peak_gpu_gib_per_rank'),
+                     'ratio_to_floor_high': m['steps']['high'].get('ratio_to_floor'),
+                     'gpu': res['env'].get('gpu'), 'torch': res['env'].get('torch'),
+                     'size': res['size'], 'frame_num': res['frame_num'],
+                     'sample_steps': res['sample_steps'], 'partial': run.get('partial')})
+    one = next((r for r in rows if r.get('nproc') == 1 and r.get('step_seconds')), None)
+    for r in rows:
+        if one and r.get('step_seconds'):
+            r['speedup_vs_1'] = one['step_seconds'] / r['step_seconds']
+            r['scaling_efficiency'] = r['speedup_vs_1'] / r['nproc']
+    combined['scaling'] = rows
+    return combined
+
+
+def print_scaling(combined: dict) -> None:
+    lines = [f"{'GPUs':<6}{'layout':<16}{'step hi':>9}{'step lo':>9}{'step':>8}{'speedup':>9}"
+             f"{'eff':>7}{'proj40':>8}{'peak/GPU':>10}"]
+    for r in combined['scaling']:
+        if 'error' in r:
+            lines.append(f"{r['nproc']:<6}{r['error']}")
+            continue
+        layout = f"U{r['ulysses_size']}" + (' x CFG2' if r['cfg_parallel'] else '')
+        peaks = [p for p in (r['peak_gpu_gib_per_rank'] or []) if p is not None]
+        lines.append(f"{r['nproc']:<6}{layout:<16}{_fmt(r['step_high_seconds']):>9}"
+                     f"{_fmt(r['step_low_seconds']):>9}{_fmt(r['step_seconds']):>8}"
+                     f"{_fmt(r.get('speedup_vs_1'), 'x'):>9}"
+                     f"{_fmt(r.get('scaling_efficiency'), '', 2):>7}"
+                     f"{_fmt(r['projected_40_step_seconds'], '', 0):>8}"
+                     f"{_fmt(max(peaks) if peaks else None, '', 1):>10}")
+    print('\n'.join(lines))
 
 
 def save_partial(result: dict, args) -> None:
     """Write what is measured so far next to --output, so a late failure loses nothing."""
-    if args.output:
+    if args.output and _rank() == 0:
         with open(args.output + '.partial', 'w') as f:
             json.dump(result, f, indent=2, default=str)
 
@@ -552,7 +775,8 @@ def _speedups(b: dict, o: dict) -> dict:
         out[f'step_{expert}'] = bs / os_ if bs and os_ else None
     pb, po = b.get('projected_40_step_seconds'), o.get('projected_40_step_seconds')
     out['projected_40_step'] = pb / po if pb and po else None
-    db, do = b['decode_seconds'], o['decode_seconds']
+    # the VAE alone where recorded (older results: the whole decode stage)
+    db, do = (m.get('vae_decode_seconds') or m['decode_seconds'] for m in (b, o))
     out['vae_decode'] = statistics.median(db) / statistics.median(do) if db and do else None
     return out
 
@@ -607,9 +831,12 @@ def _fmt(x, unit='', nd=2):
 
 def print_table(result: dict) -> None:
     env = result['env']
+    par = result.get('parallel') or {'world_size': 1}
     lines = [f"GPU {env['gpu'] or 'cpu'} | torch {env['torch']} | {result['task']} "
              f"{result['size']} x {result['frame_num']} frames | L={result['tokens']} | "
-             f"{result['sample_steps']} steps"]
+             f"{result['sample_steps']} steps | {par['world_size']} process(es)"
+             + (f", ulysses {par['ulysses_size']}, cfg parallel {par['cfg_parallel']}"
+                if par['world_size'] > 1 else '')]
     floor = result.get('floor_per_forward')
     if floor:
         lines.append(f"floor per forward {floor['seconds']:.2f} s (attention "

@@ -544,3 +544,81 @@ def test_cli_torchrun_sp_fsdp_matches_single_process(tmp_path):
     single, sp = _read_frames(tmp_path / 'single.mp4'), _read_frames(tmp_path / 'sp.mp4')
     assert single.shape == sp.shape
     assert abs(single - sp).max() <= 1  # identical up to one uint8 level
+
+
+# ------------------------------------------------------------------------------- compile
+def _w_sp_compiled(rank, world):
+    """Ulysses forward with the transformer blocks compiled as WanT2VOptimized compiles them
+    (on the GPU; here the CPU inductor backend): the all_to_all inside the block must trace
+    (dynamo turns it into a functional collective) and give the eager result. Without padding
+    (the real sizes: 75600 tokens split evenly over 2, 4 or 8 ranks) the block is one graph;
+    padded keys take the varlen attention path, which may break the graph but stays exact."""
+    import torch._dynamo
+    from wan.distributed.sequence_parallel import apply_sequence_parallel
+    from wan.text2video_optimized import _compile_blocks
+    model = tiny_model()
+    model.set_options(fp32_options(fast_rope=True, per_sample=True))
+    apply_sequence_parallel(model)
+    out = {}
+
+    def run(shape):
+        xs, ctx, t = make_inputs(shape)
+        return model(xs, t, ctx, sp_seq_len(shape, world))[0]
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = {name: run(shape) for name, shape in SHAPES.items()}
+        _compile_blocks(model, 'default')
+        for name, shape in SHAPES.items():  # 'even' first: no padding
+            torch._dynamo.utils.counters.clear()
+            out[name] = {'eager': eager[name],
+                         'compiled': run(shape),
+                         'graph_breaks': sum(torch._dynamo.utils.counters['graph_break']
+                                             .values())}
+    return out
+
+
+def test_ulysses_with_compiled_blocks(tmp_path):
+    res = launch(_w_sp_compiled, tmp_path, timeout=240)
+    no_error(res)
+    for r in res:
+        assert r['even']['graph_breaks'] == 0
+        for name in SHAPES:
+            assert rel(r[name]['compiled'], r[name]['eager']) <= RTOL
+    for name, shape in SHAPES.items():
+        single = single_forward(shape, 1, True, True, seq_len=sp_seq_len(shape))[0]
+        assert rel(res[0][name]['compiled'][:, :, :single.shape[2]], single) <= RTOL
+
+
+# ------------------------------------------------------------------------------- benchmark
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason='torchrun not installed')
+def test_benchmark_scaling_launcher(tmp_path):
+    """benchmark_t2v.py --scaling 1 2 2c: one torchrun per entry (1 process, Ulysses over 2,
+    CFG parallel over 2), rank 0's JSON from each, per-step scaling against the 1-process run."""
+    import json
+    out = tmp_path / 'scaling.json'
+    rc, log = _run_cli([sys.executable, os.path.join(REPO_ROOT, 'benchmark_t2v.py'),
+                        '--task', 't2v-tiny', '--mode', 'optimized', '--sample_steps', '2',
+                        '--scaling', '1', '2', '2c', '--output', str(out)], timeout=240)
+    assert rc == 0, log[-3000:]
+    data = json.loads(out.read_text())
+    assert data['schema'] == 'wan-fast-benchmark-scaling/1'
+    runs = {(r['nproc'], r['cfg_parallel']): r for r in data['runs']}
+    assert set(runs) == {(1, False), (2, False), (2, True)}
+    for (n, cfg), run in runs.items():
+        assert run['returncode'] == 0 and not run['partial']
+        par = run['result']['parallel']
+        assert (par['world_size'], par['cfg_parallel']) == (n, cfg)
+        assert par['ulysses_size'] == (1 if cfg or n == 1 else 2)
+        assert len(run['result']['modes']['optimized']['peak_gpu_gib_per_rank']) == n
+    rows = {(r['nproc'], r['cfg_parallel']): r for r in data['scaling']}
+    assert rows[(1, False)]['speedup_vs_1'] == 1.0
+    for row in rows.values():
+        assert row['step_seconds'] > 0 and row['scaling_efficiency'] > 0
+        assert row['projected_40_step_seconds'] > 0
+
+
+def test_benchmark_refuses_a_layout_that_does_not_fill_the_world():
+    import benchmark_t2v
+    with pytest.raises(SystemExit, match='cannot run ulysses_size 2'):
+        benchmark_t2v.main(['--task', 't2v-tiny', '--ulysses_size', '2'])
