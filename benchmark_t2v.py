@@ -46,7 +46,7 @@ import torch
 from wan.text2video_optimized import OptimizationConfig  # noqa: E402
 
 TOGGLES = ('batched_cfg', 'per_sample_time', 'fast_rope', 'bf16_weights', 'compile', 'tf32',
-           'vae_cudnn_benchmark')
+           'vae_cudnn_benchmark', 'vae_channels_last')
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -784,7 +784,7 @@ def _speedups(b: dict, o: dict) -> dict:
 def run_ablation(pipe, args, size, toggles: dict) -> dict:
     """Each listed toggle off in turn (others as given), DiT step time only."""
     from wan.text2video_optimized import OptimizationConfig
-    names = args.ablate or [t for t, on in toggles.items() if on and t != 'vae_cudnn_benchmark']
+    names = args.ablate or [t for t, on in toggles.items() if on and not t.startswith('vae_')]
     steps = args.ablate_steps
     saved = (args.sample_steps, args.num_runs)
     args.sample_steps, args.num_runs = steps, 1

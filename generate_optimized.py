@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                    help='Time embedding once per sample (exact; default True).')
     g.add_argument('--fast_rope', type=str2bool, default=True,
                    help='fp32 RoPE table instead of float64 (exact to fp32; default True).')
+    g.add_argument('--vae_channels_last', type=str2bool, default=True,
+                   help='VAE convolutions in channels-last layout (same math; default True).')
     return parser
 
 
@@ -100,7 +102,8 @@ def generate(args: argparse.Namespace) -> None:
     opts = OptimizationConfig(batched_cfg=args.batched_cfg, compile=args.compile,
                               compile_mode=args.compile_mode, tf32=args.tf32,
                               attention=args.attention, per_sample_time=args.per_sample_time,
-                              fast_rope=args.fast_rope, resident=not args.offload_model)
+                              fast_rope=args.fast_rope, resident=not args.offload_model,
+                              vae_channels_last=args.vae_channels_last)
     pipe = ref_cli.build_pipeline(args, cfg, rank, local_rank, pipeline_cls=WanT2VOptimized,
                                   optimizations=opts)
     for i, prompt in enumerate(prompts or [args.prompt]):

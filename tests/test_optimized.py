@@ -3,6 +3,7 @@ optimize_pipeline, the prompt cache, batched CFG, and the memory planner's decis
 from __future__ import annotations
 
 import copy
+from dataclasses import fields
 from types import SimpleNamespace
 
 import pytest
@@ -91,11 +92,11 @@ def opt_pipe(cfg32):
 
 ALL_ON = dict(batched_cfg=True, per_sample_time=True, fast_rope=True, attention='auto',
               bf16_weights=True, compile=True, resident=True, prompt_cache=True,
-              vae_cudnn_benchmark=True, tf32=True)
+              vae_cudnn_benchmark=True, vae_channels_last=True, tf32=True)
 ALONE = [dict(batched_cfg=True), dict(per_sample_time=True), dict(fast_rope=True),
          dict(attention='auto'), dict(attention='sdpa'), dict(bf16_weights=True),
          dict(tf32=True), dict(compile=True), dict(prompt_cache=True), dict(resident=True),
-         dict(vae_cudnn_benchmark=True)]
+         dict(vae_cudnn_benchmark=True), dict(vae_channels_last=True)]
 
 
 CASES = [({}, True)] + [(t, True) for t in ALONE] + [(ALL_ON, True), ({}, False),
@@ -130,6 +131,52 @@ def test_toggle_matches_reference(opt_pipe, reference, toggles, offload_model):
     assert all(p.dtype == torch.float32 for p in opt_pipe.high_noise_model.parameters())
     assert all(b._compiled_call_impl is None for b in opt_pipe.high_noise_model.blocks)
     assert bool(opt_pipe._prompt_cache) == opts.prompt_cache
+    assert opt_pipe.vae.channels_last is False  # CUDA only: no benefit on CPU
+
+
+def test_every_field_is_a_toggle():
+    """The lists above cover every OptimizationConfig field, and conservative() turns each
+    off (compile_mode is compile's setting, not a toggle of its own)."""
+    names = {f.name for f in fields(OptimizationConfig)} - {'compile_mode'}
+    assert set(ALL_ON) == names
+    assert {k for t in ALONE for k in t} == names
+    default, off = OptimizationConfig(), OptimizationConfig.conservative()
+    assert default.vae_channels_last is True  # same math: on by default
+    for name in names - {'attention'}:
+        assert getattr(off, name) is False, name
+    assert off.attention == 'reference'
+
+
+def test_vae_channels_last_applied_on_cuda_only(monkeypatch):
+    """_setup_optimizations sets the VAE layout from the toggle on a (simulated) CUDA device,
+    both ways, and leaves it off on CPU."""
+    import wan.text2video_optimized as opt
+    from wan.modules.vae2_1 import Wan2_1_VAE
+    monkeypatch.setattr(opt, 'resolve_backend', lambda name, device: 'sdpa')
+    pipe = WanT2VOptimized.__new__(WanT2VOptimized)
+    expert = SimpleNamespace(set_options=lambda options: None, blocks=[])
+    pipe.low_noise_model = pipe.high_noise_model = expert
+    pipe.param_dtype = torch.float32
+    pipe._t5_offload = None  # no pinned T5 copy in this stub
+    pipe.vae = Wan2_1_VAE(device='cpu', dim=8, random_init_seed=0)
+    on = OptimizationConfig(compile=False)
+    # process-wide switches that _setup_optimizations sets on CUDA: restored below
+    saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for device, toggle, expected in [('cuda', True, True), ('cuda', False, False),
+                                         ('cuda', True, True), ('cpu', True, False)]:
+            pipe.device = torch.device(device)
+            on.vae_channels_last = toggle
+            pipe._setup_optimizations(on)
+            assert pipe.vae.channels_last is expected, (device, toggle)
+            conv = pipe.vae.model.decoder.head[2].weight
+            assert conv.is_contiguous(memory_format=torch.channels_last_3d) is expected
+            assert conv.is_contiguous() is not expected
+        pipe.device = torch.device('cuda')
+        pipe._setup_optimizations(OptimizationConfig.conservative())
+        assert pipe.vae.channels_last is False
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def test_conservative_class_constructor_equals_reference(cfg32, reference):

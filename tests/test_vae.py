@@ -573,3 +573,142 @@ def test_import_does_not_touch_cuda():
     out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Channels-last layout (Wan2_1_VAE.set_channels_last): same math, NDHWC memory
+# --------------------------------------------------------------------------------------------
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _standard_strides(t: torch.Tensor, layout: torch.memory_format) -> tuple:
+    return torch.empty(t.shape, memory_format=layout, device='meta').stride()
+
+
+def _convs(module: nn.Module) -> list:
+    return [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+
+
+def _layout_of(conv: nn.Module) -> torch.memory_format:
+    return torch.channels_last_3d if isinstance(conv, nn.Conv3d) else torch.channels_last
+
+
+@pytest.fixture
+def fresh() -> Wan2_1_VAE:
+    """A tiny VAE of its own: set_channels_last rewrites the weights' layout."""
+    return Wan2_1_VAE(device='cpu', dim=8, random_init_seed=0)
+
+
+# 4 latent frames (both temporal upsamples run from their caches), odd latent sizes.
+CL_LATENT = dict(shape=(16, 4, 3, 5), seed=30)
+CL_VIDEO = dict(shape=(3, 13, 24, 40), seed=31)
+
+
+def _cl_inputs():
+    z = _randn(*CL_LATENT['shape'], seed=CL_LATENT['seed'])
+    x = _randn(*CL_VIDEO['shape'], seed=CL_VIDEO['seed']).clamp(-1, 1)
+    return z, x
+
+
+def test_channels_last_matches_default(fresh):
+    z, x = _cl_inputs()
+    ref_dec, ref_enc = fresh.decode([z])[0], fresh.encode([x])[0]
+    fresh.set_channels_last(True)
+    assert fresh.channels_last is True
+    dec, enc = fresh.decode([z])[0], fresh.encode([x])[0]
+    assert dec.shape == ref_dec.shape == (3, 13, 24, 40)
+    assert enc.shape == ref_enc.shape == (16, 4, 3, 5)
+    # Callers get ordinary contiguous fp32 tensors back.
+    assert dec.is_contiguous() and enc.is_contiguous()
+    assert dec.dtype == enc.dtype == torch.float32
+    assert _rel_err(dec, ref_dec) < 1e-5 and _rel_err(enc, ref_enc) < 1e-5
+
+
+def test_channels_last_off_again_restores_default(fresh):
+    z, x = _cl_inputs()
+    ref_dec, ref_enc = fresh.decode([z])[0], fresh.encode([x])[0]
+    weights = {n: p.clone() for n, p in fresh.model.named_parameters()}
+    convs = _convs(fresh.model)
+    assert fresh.channels_last is False
+    fresh.set_channels_last(True)
+    for conv in convs:
+        # Standard channels-last strides, the 1x1(x1) kernels included (for those the
+        # contiguous strides would also pass an is_contiguous(memory_format=...) check).
+        assert conv.weight.stride() == _standard_strides(conv.weight, _layout_of(conv))
+    fresh.decode([z])
+    fresh.set_channels_last(False)
+    assert fresh.channels_last is False
+    for conv in convs:
+        assert conv.weight.stride() == _standard_strides(conv.weight, torch.contiguous_format)
+    for name, p in fresh.model.named_parameters():
+        assert torch.equal(p, weights[name]), name
+    assert torch.equal(fresh.decode([z])[0], ref_dec)
+    assert torch.equal(fresh.encode([x])[0], ref_enc)
+
+
+def _channels_innermost(t: torch.Tensor) -> bool:
+    """t stored channels-last. Only asked where it tells the layouts apart: C > 1 and
+    H·W > 1, so that an NC(D)HW tensor has stride(1) = (T·)H·W > 1."""
+    assert t.shape[1] > 1 and t.shape[-1] * t.shape[-2] > 1, tuple(t.shape)
+    layout = torch.channels_last_3d if t.dim() == 5 else torch.channels_last
+    return t.stride(1) == 1 and t.is_contiguous(memory_format=layout)
+
+
+def _record_conv_inputs(vae: Wan2_1_VAE, monkeypatch) -> dict:
+    """For every conv of the decode path (decoder and the latent conv2), whether the input
+    reaching the module and the tensor handed to the kernel (after the cache cat and the
+    padding) are channels-last, one entry per call.
+
+    Kernel outputs follow cuDNN's rule, channels-last for a channels-last weight: on CPU a
+    batch-1 conv3d returns NCDHW whatever its operands, which would hide what is tested here,
+    namely that every op between the convs keeps the layout.
+    """
+    names = {conv: name for name, conv in vae.model.named_modules()
+             if conv in _convs(vae.model.decoder) or name == 'conv2'}
+    seen = {name: [] for name in names.values()}
+    for conv, name in names.items():
+        conv.register_forward_pre_hook(
+            lambda m, args, _n=name: seen[_n].append(('input', _channels_innermost(args[0]))))
+
+    for cls in (nn.Conv2d, nn.Conv3d):
+        def conv_forward(self, x, weight, bias, _orig=cls._conv_forward):
+            if self in names:
+                seen[names[self]].append(('kernel', _channels_innermost(x)))
+            layout = _layout_of(self)
+            weight_cl = weight.stride() == _standard_strides(weight, layout)
+            return _orig(self, x, weight, bias).contiguous(
+                memory_format=layout if weight_cl else torch.contiguous_format)
+        monkeypatch.setattr(cls, '_conv_forward', conv_forward)
+    return seen
+
+
+def _is_3x3(name: str, vae: Wan2_1_VAE) -> bool:
+    conv = vae.model.get_submodule(name)
+    return all(k == 3 for k in conv.kernel_size)
+
+
+def test_channels_last_layout_kept_through_decode(fresh, monkeypatch):
+    z, _ = _cl_inputs()
+    seen = _record_conv_inputs(fresh, monkeypatch)
+    fresh.set_channels_last(True)
+    out = fresh.decode([z])[0]
+    assert out.shape == (3, 13, 24, 40) and out.is_contiguous()
+    spatial = [n for n in seen if _is_3x3(n, fresh)]
+    # 3x3x3 causal convs: conv1, 2 per ResidualBlock (2 middle, 4 x 3 upsamples), head;
+    # 3x3 per-frame convs: one per Resample.
+    assert len(spatial) == 1 + 2 * (2 + 12) + 1 + 3
+    for name, records in seen.items():
+        kinds = {kind for kind, _ in records}
+        assert kinds == {'input', 'kernel'}, name  # every conv ran
+        assert all(ok for _, ok in records), (name, records)
+
+    # The check tells the layouts apart: by default the same convs see NC(D)HW inputs.
+    # (The attention proj, not checked here, reads its input channels-last in both.)
+    fresh.set_channels_last(False)
+    for records in seen.values():
+        records.clear()
+    fresh.decode([z])
+    for name in spatial:
+        assert seen[name] and not any(ok for _, ok in seen[name]), name

@@ -18,6 +18,8 @@ fp32 matmuls changes the fp32 islands' precision and is opt-in.
 - resident experts and T5 placement chosen by the memory planner (wan/utils/memory_plan.py);
 - prompt-embedding cache: a prompt is encoded once per pipeline;
 - vae_cudnn_benchmark: cuDNN autotuning for the VAE decode convolutions (same math);
+- vae_channels_last: the VAE convs in channels-last (NDHWC) layout, cuDNN's native tensor-core
+  layout (same math, memory layout only);
 - tf32 (opt-in): TF32 for the remaining fp32 matmuls.
 
 `optimize_pipeline(pipe, **toggles)` upgrades an existing WanT2V in place with the same code.
@@ -30,6 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Dict, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .modules.attention import attention, available_backends, resolve_backend
@@ -57,6 +60,7 @@ class OptimizationConfig:
     resident: bool = True
     prompt_cache: bool = True
     vae_cudnn_benchmark: bool = True
+    vae_channels_last: bool = True  # same math, memory layout only
     tf32: bool = False
 
     def __post_init__(self):
@@ -69,7 +73,8 @@ class OptimizationConfig:
         """Every toggle off: the reference computation inside the optimized class."""
         return cls(batched_cfg=False, per_sample_time=False, fast_rope=False,
                    attention='reference', bf16_weights=False, compile=False, resident=False,
-                   prompt_cache=False, vae_cudnn_benchmark=False, tf32=False)
+                   prompt_cache=False, vae_cudnn_benchmark=False, vae_channels_last=False,
+                   tf32=False)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -147,6 +152,8 @@ class WanT2VOptimized(WanT2V):
             # process-wide switches: set both ways so that toggling back restores the default
             torch.backends.cuda.matmul.allow_tf32 = opts.tf32
             torch.backends.cudnn.benchmark = opts.vae_cudnn_benchmark
+        # CUDA only (no benefit on CPU); set both ways, like the switches above
+        self.vae.set_channels_last(opts.vae_channels_last and on_cuda)
         if on_cuda and not hasattr(self, '_t5_offload') and not _is_fsdp(self.text_encoder.model):
             # pinned host copy: T5 moves to the GPU at full PCIe bandwidth (~0.5 s, not ~10 s)
             self._t5_offload = PinnedOffload(self.text_encoder.model)
@@ -216,7 +223,8 @@ class WanT2VOptimized(WanT2V):
         seq_len = self.seq_len_for(shape)
         batch = 2 if plan.batched_cfg else 1
         self._t5_follow_plan(plan)
-        self._pick_cross_attention_kernel(batch, seq_len)
+        # under Ulysses each rank's cross-attention sees its own share of the tokens
+        self._pick_cross_attention_kernel(batch, seq_len // self.sp_size)
         lat = torch.zeros(*shape, device=self.device)
         # the T5 dtype under autocast; the compute dtype otherwise (as generate() casts it)
         ctx = torch.zeros(1, self.config.get('text_dim', 4096), device=self.device,
@@ -265,6 +273,11 @@ class WanT2VOptimized(WanT2V):
             torch.cuda.synchronize(self.device)
             times[backend] = start.elapsed_time(end) / 3
         best = min(times, key=times.get)
+        if dist.is_available() and dist.is_initialized():
+            # one kernel on every rank (timings differ a little between GPUs)
+            choice = [best]
+            dist.broadcast_object_list(choice, src=0)
+            best = choice[0]
         self.low_noise_model.options.cross_attn_backend = best
         self.high_noise_model.options.cross_attn_backend = best
         logging.info('cross-attention kernel: %s (ms per call: %s)', best,

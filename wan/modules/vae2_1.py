@@ -6,6 +6,10 @@ slot, so that the next chunk sees the same temporal context a whole-sequence cau
 give it; the temporal resample convs have their own first-chunk rules (`Resample`). Module
 paths, and so state-dict names, are those of the reference (§5.3), so the released
 `Wan2.1_VAE.pth` loads unchanged.
+
+`Wan2_1_VAE.set_channels_last(True)` stores the conv weights and activations channels-last
+(NDHWC); every op between the convs keeps that layout, so cuDNN runs its native NDHWC kernels
+without transposing activations in and out. Same operations, same dtype.
 """
 from __future__ import annotations
 
@@ -102,6 +106,14 @@ class CausalConv3d(nn.Conv3d):
         return super().forward(x)
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout of a 5-D activation: channels_last_3d when stored so (channels innermost),
+    else contiguous (also where both coincide)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _frames_to_keep(x: torch.Tensor, old: CacheEntry) -> torch.Tensor:
     """The cache a conv leaves for the next chunk: the last CACHE_T frames of its input.
 
@@ -125,11 +137,32 @@ def _cached_conv(conv: CausalConv3d, x: torch.Tensor,
     return conv(x, old)
 
 
-def _per_frame(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a 2-D module to every frame of a (B, C, T, H, W) video."""
+# Video <-> frames. For channels-last tensors the frame axis is split and merged in memory
+# order (B, T, H, W, C): views with the standard channels-last strides. A plain reshape would
+# give a size-1 dim (batch 1, a one-frame chunk) a smaller stride, legal but taken by ops that
+# choose their output layout from the strides (F.pad, torch.cat, interpolate) for contiguous:
+# they would copy to NCDHW and the next conv back.
+
+def _to_frames(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) video -> (B·T, C, H, W) frames, in the same layout."""
     b, c, t, h, w = x.shape
-    y = module(x.transpose(1, 2).reshape(b * t, c, h, w))
-    return y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
+    if _memory_format(x) is torch.channels_last_3d:
+        return x.permute(0, 2, 3, 4, 1).reshape(b * t, h, w, c).permute(0, 3, 1, 2)
+    return x.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+def _to_video(y: torch.Tensor, b: int, layout: torch.memory_format) -> torch.Tensor:
+    """(B·T, C, H, W) frames -> (B, C, T, H, W) video, channels_last_3d if `layout` says so
+    (a view for channels-last frames), else as the reference reshapes."""
+    n, c, h, w = y.shape
+    if layout is torch.channels_last_3d:
+        return y.permute(0, 2, 3, 1).reshape(b, n // b, h, w, c).permute(0, 4, 1, 2, 3)
+    return y.reshape(b, n // b, c, h, w).transpose(1, 2)
+
+
+def _per_frame(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2-D module to every frame of a (B, C, T, H, W) video (layout kept)."""
+    return _to_video(module(_to_frames(x)), x.shape[0], _memory_format(x))
 
 
 class RMS_norm(nn.Module):
@@ -210,11 +243,14 @@ class Resample(nn.Module):
             keep = torch.cat([pad.to(keep.device), keep], dim=2)
         y = self.time_conv(x) if old is _FIRST_CHUNK_SEEN else self.time_conv(x, old)
         cache.slots[slot] = keep
-        # Channels [0:C] give frame 2t and [C:2C] frame 2t+1.
+        # Channels [0:C] give frame 2t and [C:2C] frame 2t+1. Interleaved by two strided
+        # copies into an output of y's layout (a stack + reshape would come out contiguous).
         b, _, t, h, w = y.shape
-        y = y.reshape(b, 2, self.dim, t, h, w)
-        y = torch.stack((y[:, 0], y[:, 1]), dim=3)
-        return y.reshape(b, self.dim, 2 * t, h, w)
+        out = torch.empty((b, self.dim, 2 * t, h, w), dtype=y.dtype, device=y.device,
+                          memory_format=_memory_format(y))
+        out[:, :, 0::2] = y[:, :self.dim]
+        out[:, :, 1::2] = y[:, self.dim:]
+        return out
 
     def _halve_frames(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         slot = cache.claim()
@@ -266,13 +302,15 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
         b, c, t, h, w = x.shape
-        x = self.norm(x.transpose(1, 2).reshape(b * t, c, h, w))
+        x = self.norm(_to_frames(x))
         # (B·T, 3C, H·W) -> (B·T, 1 head, H·W, 3C), then q/k/v = channels [0:C], [C:2C], [2C:3C].
+        # (Channels-last qkv is already in this order: the .contiguous() then copies nothing.)
         qkv = self.to_qkv(x).reshape(b * t, 1, 3 * c, h * w).permute(0, 1, 3, 2).contiguous()
         q, k, v = qkv.chunk(3, dim=-1)
         x = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(C)
         x = self.proj(x.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w))
-        return x.reshape(b, t, c, h, w).transpose(1, 2) + identity
+        # Back in the input's layout (the default one exactly as the reference reshapes).
+        return _to_video(x, b, _memory_format(identity)) + identity
 
 
 def _middle(dim: int, dropout: float) -> nn.Sequential:
@@ -478,6 +516,28 @@ class Wan2_1_VAE:
                         random_init_seed)
             init_random_weights_(model, random_init_seed, device=device, dtype=dtype)
         self.model = model.eval().requires_grad_(False)
+        self.channels_last = False
+
+    def set_channels_last(self, enabled: bool) -> None:
+        """Store the conv weights channels-last (enabled) or in the default layout (not).
+
+        Conv3d weights become channels_last_3d, the per-frame Conv2d weights channels_last;
+        encode/decode then feed channels_last_3d input. Same math and dtype: cuDNN runs its
+        native NDHWC tensor-core kernels instead of transposing every activation.
+        """
+        for module in self.model.modules():
+            # Per module: Module.to(memory_format=channels_last_3d) rejects the 4-D weights.
+            if isinstance(module, nn.Conv3d):
+                layout = torch.channels_last_3d
+            elif isinstance(module, nn.Conv2d):
+                layout = torch.channels_last
+            else:
+                continue
+            # clone, not .contiguous(): a 1x1(x1) kernel counts as contiguous in both layouts,
+            # so .contiguous() would keep its NCHW strides, and cuDNN would infer NCHW from them.
+            module.weight.data = module.weight.data.clone(
+                memory_format=layout if enabled else torch.contiguous_format)
+        self.channels_last = enabled
 
     def _precision(self) -> contextlib.AbstractContextManager:
         """fp32 autocast on CUDA, as the reference (it overrides an enclosing bf16 region);
@@ -491,16 +551,21 @@ class Wan2_1_VAE:
         # Without autocast to cast conv inputs, the input must already be in the weights' dtype.
         if torch.device(self.device).type != 'cuda':
             x = x.to(self.dtype)
-        return x.unsqueeze(0)
+        x = x.unsqueeze(0)
+        if self.channels_last:
+            # The layout the model's ops then keep all the way (one copy here).
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return x
 
     def encode(self, videos: List[torch.Tensor]) -> List[torch.Tensor]:
         """videos: list of (3, T, H, W) in [-1, 1] -> list of fp32 (z_dim, 1 + (T-1)//4, H/8, W/8)."""
+        # .contiguous(): callers get the ordinary layout (a no-op unless channels_last).
         with self._precision():
             return [self.model.encode(self._prepare(u), self.scale).float().squeeze(0)
-                    for u in videos]
+                    .contiguous() for u in videos]
 
     def decode(self, zs: List[torch.Tensor]) -> List[torch.Tensor]:
         """zs: list of (z_dim, T', H', W') -> list of fp32 (3, 1 + 4(T'-1), 8H', 8W') in [-1, 1]."""
         with self._precision():
             return [self.model.decode(self._prepare(u), self.scale).float().clamp_(-1, 1)
-                    .squeeze(0) for u in zs]
+                    .squeeze(0).contiguous() for u in zs]
