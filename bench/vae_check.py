@@ -1,0 +1,65 @@
+"""VAE decode on the GPU, default layout vs channels-last: time and agreement (a diagnostic).
+
+    python bench/vae_check.py --size 1280*720 --latent_frames 6 --output vae.json
+
+Random VAE weights and a random latent; cuDNN autotuning on for both layouts; one untimed
+decode per layout first. Exits 1 if the layouts disagree beyond fp32/TF32 rounding.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from wan.modules.vae2_1 import Wan2_1_VAE  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--size', default='1280*720')
+    p.add_argument('--latent_frames', type=int, default=6)
+    p.add_argument('--reps', type=int, default=2)
+    p.add_argument('--output', default=None)
+    args = p.parse_args()
+    w, h = map(int, args.size.split('*'))
+    torch.backends.cudnn.benchmark = True
+    vae = Wan2_1_VAE(device='cuda', random_init_seed=1)
+    z = torch.randn(16, args.latent_frames, h // 8, w // 8, device='cuda',
+                    generator=torch.Generator('cuda').manual_seed(0))
+    out = {'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__,
+           'size': args.size, 'latent_frames': args.latent_frames, 'frames':
+           1 + 4 * (args.latent_frames - 1), 'seconds': {}}
+    videos = {}
+    for layout in ('default', 'channels_last'):
+        vae.set_channels_last(layout == 'channels_last')
+        times = []
+        for i in range(args.reps + 1):
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            video = vae.decode([z])[0]
+            end.record()
+            torch.cuda.synchronize()
+            if i:
+                times.append(start.elapsed_time(end) / 1000)
+        out['seconds'][layout] = statistics.median(times)
+        videos[layout] = video.float().cpu()
+        del video
+        torch.cuda.empty_cache()
+    a, b = videos['default'], videos['channels_last']
+    mse = torch.mean(((a + 1) / 2 - (b + 1) / 2) ** 2).item()
+    out['max_abs_diff'] = (a - b).abs().max().item()
+    out['psnr_db'] = float('inf') if mse == 0 else 10 * torch.log10(torch.tensor(1 / mse)).item()
+    out['speedup'] = out['seconds']['default'] / out['seconds']['channels_last']
+    print(json.dumps(out, indent=1), flush=True)
+    if args.output:
+        with open(args.output, 'w') as f:
+            json.dump(out, f, indent=2)
+    return 0 if out['psnr_db'] > 60 else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
