@@ -458,3 +458,34 @@ def test_plan_monotone_in_budget(size, wishes):
         d = p.describe()
         assert ('resident' in d or 'at a time' in d or 'does not fit' in d) and 'CFG' in d \
             or not p.fits
+
+
+def test_decode_beside_experts_follows_the_measured_probe(monkeypatch):
+    """decode() keeps the experts on the GPU when the probe's measured peak plus the output
+    video fits in the memory free now, and moves them out otherwise (or with no probe)."""
+    pipe = WanT2VOptimized.__new__(WanT2VOptimized)
+    pipe.vae_stride = (4, 8, 8)
+    pipe.device = torch.device('cuda')
+    x0 = torch.zeros(16, 21, 90, 160)  # 1280x720, 81 frames
+    video = 3 * 81 * 720 * 1280 * 4
+    GiB = 2**30
+    free = {'now': 30 * GiB}
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (free['now'], 80 * GiB))
+    monkeypatch.setattr(torch.cuda, 'memory_reserved', lambda device=None: 5 * GiB)
+    monkeypatch.setattr(torch.cuda, 'memory_allocated', lambda device=None: 5 * GiB)
+    pipe._vae_probe = {}
+    assert not pipe._decode_fits_beside_experts(x0)  # never probed at this size
+    pipe._vae_probe = {(90, 160): None}
+    assert not pipe._decode_fits_beside_experts(x0)  # the probe itself ran out of memory
+    pipe._vae_probe = {(90, 160): 20 * GiB}
+    assert pipe._decode_fits_beside_experts(x0)
+    free['now'] = 20 * GiB + 3 * video + GiB - 1
+    assert not pipe._decode_fits_beside_experts(x0)
+    free['now'] += 1
+    assert pipe._decode_fits_beside_experts(x0)
+
+
+def test_vae_probe_is_gpu_only(opt_pipe):
+    opt_pipe._vae_probe = {}
+    opt_pipe._probe_vae((128, 64))
+    assert opt_pipe._vae_probe == {}  # CPU: nothing to autotune, no GPU memory to measure

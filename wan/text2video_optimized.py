@@ -146,6 +146,8 @@ class WanT2VOptimized(WanT2V):
     def _setup_optimizations(self, opts: OptimizationConfig) -> None:
         self.opt = opts
         self._prompt_cache: Dict[str, torch.Tensor] = {}
+        # latent (H', W') -> peak bytes of a short probe decode (None: it ran out of memory)
+        self._vae_probe: Dict[Tuple[int, int], Optional[int]] = {}
         self._plan: Optional[MemoryPlan] = None
         on_cuda = self.device.type == 'cuda'
         if on_cuda:
@@ -242,12 +244,55 @@ class WanT2VOptimized(WanT2V):
                       context=[ctx] * batch, seq_len=seq_len)
                 if moved and not plan.experts_resident:
                     model.to('cpu')
+        self._probe_vae(size)
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
-        logging.info('warm-up (compile included) at %dx%d, %d frames: %.1f s', size[0], size[1],
-                     frame_num, seconds)
+        logging.info('warm-up (compile and autotuning included) at %dx%d, %d frames: %.1f s',
+                     size[0], size[1], frame_num, seconds)
         return seconds
+
+    @torch.no_grad()
+    def _probe_vae(self, size: Tuple[int, int]) -> None:
+        """Decode a 3-latent-frame clip at this size, once per size and process, on the rank
+        that decodes. With cuDNN autotuning on, every decoder conv shape is tuned here (every
+        later chunk of a decode repeats these shapes); and the decode's peak memory beside
+        whatever is resident is measured instead of estimated, so that decode() can keep the
+        experts on the GPU when the planner's estimate was pessimistic."""
+        if self.device.type != 'cuda' or self.rank != 0:
+            return
+        shape = self.target_shape(size, 9)  # (C, 3, H', W')
+        key = (shape[2], shape[3])
+        if key in self._vae_probe:
+            return
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        try:
+            self.vae.decode([torch.zeros(*shape, device=self.device)])
+            peak = torch.cuda.max_memory_allocated(self.device) - base
+        except torch.cuda.OutOfMemoryError:
+            peak = None
+        torch.cuda.empty_cache()
+        self._vae_probe[key] = peak
+        logging.info('VAE probe decode at %dx%d: %.1f s (autotuning included), peak %s',
+                     size[0], size[1], time.perf_counter() - t0,
+                     'out of memory' if peak is None else f'{peak / 2**30:.1f} GiB')
+
+    def _decode_fits_beside_experts(self, x0: torch.Tensor) -> bool:
+        """The probe's per-chunk peak plus the whole output video (held about three times
+        over: the chunk list, the concatenation, the contiguous copy) and 1 GiB to spare,
+        against the GPU memory free now."""
+        peak = self._vae_probe.get((x0.shape[-2], x0.shape[-1]))
+        if peak is None:
+            return False
+        frames = 1 + self.vae_stride[0] * (x0.shape[1] - 1)
+        video = 3 * frames * x0.shape[-2] * self.vae_stride[1] * x0.shape[-1] * \
+            self.vae_stride[2] * 4
+        free = torch.cuda.mem_get_info(self.device)[0] + \
+            torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return peak + 3 * video + 2**30 <= free
 
     def _pick_cross_attention_kernel(self, batch: int, tokens: int) -> None:
         """With attention='auto', time the fast kernels on the real cross-attention shape
@@ -342,10 +387,15 @@ class WanT2VOptimized(WanT2V):
     def decode(self, x0):
         if self.device.type != 'cuda':
             return super().decode(x0)
-        if self._plan is not None and self._plan.offload_experts_before_decode:
-            self._offload_experts()
         # cached activation blocks of the DiT are the wrong shapes for the VAE: return them
         torch.cuda.empty_cache()
+        if self._plan is not None and self._plan.offload_experts_before_decode:
+            if self._decode_fits_beside_experts(x0):
+                # the measured decode fits: moving 53 GB of experts to the host and back
+                # would cost more than the decode itself
+                logging.info('VAE decode beside the resident experts (probe measured it fits)')
+            else:
+                self._offload_experts()
         try:
             return super().decode(x0)
         except torch.cuda.OutOfMemoryError:
@@ -386,6 +436,8 @@ class WanT2VOptimized(WanT2V):
         self._plan = self.plan_for(size, frame_num, offload_model, use_batched_cfg)
         log_plan(self._plan)
         self._t5_follow_plan(self._plan)
+        if self._plan.experts_resident:
+            self._probe_vae(size)  # no-op after warm_up() or an earlier call at this size
         if self._plan.experts_resident:
             # before the loop, so that no step pays for a host-to-device copy
             self._experts_to(self.device)
