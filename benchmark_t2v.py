@@ -322,12 +322,16 @@ def parse_args(argv=None):
 
 
 def git_commit() -> Optional[str]:
+    # GIT_COMMIT first: a copied working tree can carry a stale .git whose HEAD is not the
+    # code that runs
+    if os.environ.get('GIT_COMMIT'):
+        return os.environ['GIT_COMMIT']
     try:
         return subprocess.check_output(['git', 'rev-parse', 'HEAD'], text=True,
                                        stderr=subprocess.DEVNULL,
                                        cwd=os.path.dirname(os.path.abspath(__file__))).strip()
     except Exception:
-        return os.environ.get('GIT_COMMIT')
+        return None
 
 
 def environment(device) -> dict:

@@ -24,9 +24,18 @@ RESULTS = os.path.join(ROOT, 'bench', 'results')
 # the runs the documents quote
 RUNS = {
     '480p': 'h100_832x480_both_f26bcfb.json',
-    '720p': 'h100_1280x720_both_e5722e6.json',
+    '720p': 'h100_1280x720_both_607d0d0.json',
+    # the same run one commit before the VAE decode changes (decode stage before/after)
+    '720p_decode_before': 'h100_1280x720_both_8d710fc.json',
+    # the 720p run with torch.profiler breakdowns (earlier commit)
+    '720p_profile': 'h100_1280x720_both_e5722e6.json',
     'ablation_batched': 'h100_832x480_ablation_batched_cfg_4b82afe.json',
     '480p_default': 'h100_832x480_optimized_6ac75b0.json',
+    'ablation': 'h100_832x480_ablation_8d710fc.json',
+    'scaling': 'h200x4_1280x720_scaling_8d710fc.json',
+    'scaling_cfg': 'h200x4_1280x720_scaling_cfg_8d710fc.json',
+    'vae_h100': 'h100_vae_check_720p81f_8d710fc.json',
+    'vae_h200': 'h200_vae_check_720p21f_8d710fc.json',
 }
 DOCS = ('OPTIMIZATION_SUMMARY.md', 'OPTIMIZATION_ANALYSIS.md', 'OPTIMIZATION_GUIDE.md',
         'README.md')
@@ -36,6 +45,21 @@ def load(name: str) -> dict:
     from benchmark_t2v import derive
     with open(os.path.join(RESULTS, RUNS[name])) as f:
         return derive(json.load(f))
+
+
+def load_raw(name: str) -> dict:
+    with open(os.path.join(RESULTS, RUNS[name])) as f:
+        return json.load(f)
+
+
+def load_scaling(name: str) -> dict:
+    """A --scaling results file with every run and the scaling rows re-derived."""
+    from benchmark_t2v import derive, derive_scaling
+    data = load_raw(name)
+    for run in data['runs']:
+        if run.get('result'):
+            derive(run['result'])
+    return derive_scaling(data)
 
 
 def f(x, nd=2, unit=''):
@@ -50,12 +74,22 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
+def commit_of(name: str) -> str:
+    """The commit that ran, as named in the results file name (GIT_COMMIT given to the run).
+
+    The JSONs of this session's device runs carry a wrong env.git_commit (cd05531...): the
+    device's copy of the tree came with the session's initial .git, whose HEAD `git rev-parse`
+    read; the code that ran was the working tree at the commit in the file name.
+    """
+    return os.path.splitext(RUNS[name])[0].rsplit('_', 1)[1]
+
+
 def source(r: dict, name: str) -> str:
     e = r['env']
     return (f"Source: `bench/results/{RUNS[name]}` — {e['gpu']}, torch {e['torch']}, "
             f"{r['size']} × {r['frame_num']} frames (L = {r['tokens']:,}), "
             f"{r['sample_steps']} measured steps split between the experts (boundary "
-            f"{r['boundary_used']:.3f}), random bf16 weights, commit {e['git_commit']}, "
+            f"{r['boundary_used']:.3f}), random bf16 weights, commit {commit_of(name)}, "
             f"command `{e['command'].replace('/root/out/', '')}`.")
 
 
@@ -135,7 +169,7 @@ def table_profile() -> str:
     lines = ['| size | path | attention | GEMM | fused (Triton) | other elementwise, copies, '
              'norms | total CUDA time per forward (s) |', '|---|---|---|---|---|---|---|']
     sources = []
-    for name in ('480p', '720p'):
+    for name in ('480p', '720p_profile'):
         r = load(name)
         for key in ('baseline', 'optimized'):
             p, src = profile_of(name, key)
@@ -157,7 +191,7 @@ def table_profile() -> str:
 def table_ablation() -> str:
     lines = ['| run | configuration | DiT step, high-noise (s) | DiT step, low-noise (s) | '
              'peak GPU (GiB) |', '|---|---|---|---|---|']
-    for name in ('ablation_batched', '480p_default'):
+    for name in ('ablation_batched', '480p_default', 'ablation'):
         r = load(name)
         for key, a in (r.get('ablation') or {}).items():
             if 'error' in a:
@@ -277,7 +311,11 @@ def table_key_figures() -> str:
         return f'{f(a, nd)}{unit} → {f(b, nd)}{unit}' if a is not None and b is not None \
             else 'n/m'
 
-    floor = {n: load(n)['floor_per_forward'] for n in ('480p', '720p')}
+    floor = {n: load(n)['floor_per_forward'] for n in ('480p', '720p_profile')}
+
+    def vae(r, mode):  # the VAE alone where recorded, else the decode stage
+        m = r['modes'][mode]
+        return med(m.get('vae_decode_seconds') or m['decode_seconds'])
     rows += [
         '| (A) reference step, its own kernel → the optimized kernel (high-noise) | '
         f"{pair(step(r4, 'baseline'), step(r4, 'baseline_same_kernel'))} | "
@@ -285,22 +323,23 @@ def table_key_figures() -> str:
         '| (B) unfused elementwise/copies/norms per forward, reference → optimized (+ fused '
         'Triton) | ' + ' | '.join(
             f"{f(prof(n, 'baseline', 'other'))} s → {f(prof(n, 'optimized', 'other'))} s "
-            f"(+ {f(prof(n, 'optimized', 'fused_triton'))} s)" for n in ('480p', '720p')) + ' |',
+            f"(+ {f(prof(n, 'optimized', 'fused_triton'))} s)" for n in ('480p', '720p_profile'))
+        + ' |',
         '| (C) expert swaps per video, reference → optimized | ' + ' | '.join(
             pair(sum(r['modes']['baseline']['switch_seconds']),
                  sum(r['modes']['optimized']['switch_seconds'])) for r in (r4, r7)) + ' |',
         '| (D) T5 encode, reference → optimized | ' + ' | '.join(
             pair(med(r['modes']['baseline']['t5_seconds']),
                  med(r['modes']['optimized']['t5_seconds'])) for r in (r4, r7)) + ' |',
-        '| (E) VAE decode, reference → optimized (cuDNN autotuning) | ' + ' | '.join(
-            pair(med(r['modes']['baseline']['decode_seconds']),
-                 med(r['modes']['optimized']['decode_seconds'])) for r in (r4, r7)) + ' |',
+        '| (E) VAE decode, reference → optimized (480p: cuDNN autotuning only, older commit; '
+        '720p: autotuning + channels-last + one-buffer padding) | ' + ' | '.join(
+            pair(vae(r, 'baseline'), vae(r, 'optimized')) for r in (r4, r7)) + ' |',
         '| (F) per forward: attention in the optimized profile vs 40 x standalone FA3 | '
         + ' | '.join(pair(floor[n]['attention_seconds'], prof(n, 'optimized', 'attention'))
-                     for n in ('480p', '720p')) + ' |',
+                     for n in ('480p', '720p_profile')) + ' |',
         '| (G) per forward: GEMMs in the optimized profile vs GEMM FLOPs at the 8192³ rate | '
         + ' | '.join(pair(floor[n]['gemm_seconds'], prof(n, 'optimized', 'gemm'))
-                     for n in ('480p', '720p')) + ' |',
+                     for n in ('480p', '720p_profile')) + ' |',
         '| (H) optimized DiT step / floor step | ' + ' | '.join(
             f(r['modes']['optimized']['steps']['high'].get('ratio_to_floor'), 3)
             for r in (r4, r7)) + ' |',
@@ -310,9 +349,67 @@ def table_key_figures() -> str:
             f"{f(r['modes']['optimized']['steps']['high'].get('first_step_overhead_seconds'), 1)}"
             " s (first-step overhead)" for r in (r4, r7)) + ' |',
     ]
-    rows += ['', f"From `bench/results/{RUNS['480p']}` and `bench/results/{RUNS['720p']}` "
-                 '(profiles of one batch-1 forward; the 720p optimized profile from the log '
-                 'next to its JSON); n/m = not measured.']
+    rows += ['', f"From `bench/results/{RUNS['480p']}` and `bench/results/{RUNS['720p']}`; "
+                 f"(B), (F), (G) at 720p from the profiled run `bench/results/"
+                 f"{RUNS['720p_profile']}` (profiles of one batch-1 forward; its optimized "
+                 'profile from the log next to the JSON); n/m = not measured.']
+    return '\n'.join(rows)
+
+
+def table_decode() -> str:
+    """The 720p VAE decode stage before and after the decode changes, and the layout check."""
+    rows = ['| run | reference decode (s) | optimized: experts moved to the host (s) | '
+            'optimized: VAE (s) | optimized decode stage (s) | optimized peak GPU (GiB) |',
+            '|---|---|---|---|---|---|']
+    for name in ('720p_decode_before', '720p'):
+        r = load(name)
+        b, o = r['modes']['baseline'], r['modes']['optimized']
+        stage, vae = med(o['decode_seconds']), med(o['vae_decode_seconds'])
+        rows.append(f"| `{RUNS[name]}` | {f(med(b['decode_seconds']))} | {f(stage - vae)} | "
+                    f"{f(vae)} | {f(stage)} | {f(o['peak_gpu_gib'], 1)} |")
+    rows += ['', '| layout check (`bench/vae_check.py`, cuDNN autotuning on for both, one '
+                 'untimed decode first) | default layout (s) | channels-last (s) | speed-up | '
+                 'PSNR between them |', '|---|---|---|---|---|']
+    for name in ('vae_h100', 'vae_h200'):
+        v = load_raw(name)
+        rows.append(f"| `{RUNS[name]}`: {v['gpu']}, {v['size']} × {v['frames']} frames | "
+                    f"{f(v['seconds']['default'])} | {f(v['seconds']['channels_last'])} | "
+                    f"{f(v['speedup'])}× | {f(v['psnr_db'], 1)} dB |")
+    return '\n'.join(rows)
+
+
+def table_scaling() -> str:
+    """Ulysses / CFG-parallel scaling at 720p on the H200 x4 machine."""
+    runs = load_scaling('scaling')
+    one = next(r for r in runs['scaling'] if r.get('nproc') == 1 and r.get('step_seconds'))
+    rows = ['| GPUs | layout | DiT step high / low (s) | speed-up vs 1 GPU | scaling efficiency '
+            '| step / (floor / GPUs) | 40-step total, projected (s) | peak per GPU (GiB) | '
+            'source |', '|---|---|---|---|---|---|---|---|---|']
+    for name in ('scaling', 'scaling_cfg'):
+        for r in sorted(load_scaling(name)['scaling'], key=lambda r: (r['nproc'],
+                                                                      r['cfg_parallel'])):
+            if 'error' in r:
+                rows.append(f"| {r['nproc']} | {r['error']} | | | | | | | `{RUNS[name]}` |")
+                continue
+            layout = (f"CFG parallel × Ulysses {r['ulysses_size']}" if r['cfg_parallel'] else
+                      ('one GPU' if r['nproc'] == 1 else f"Ulysses {r['ulysses_size']}"))
+            speedup = one['step_seconds'] / r['step_seconds']
+            peaks = [p for p in r['peak_gpu_gib_per_rank'] if p is not None]
+            rows.append(f"| {r['nproc']} | {layout} | {f(r['step_high_seconds'])} / "
+                        f"{f(r['step_low_seconds'])} | {f(speedup)}× | "
+                        f"{f(speedup / r['nproc'])} | {f(r['ratio_to_floor_high'], 3)} | "
+                        f"{f(r['projected_40_step_seconds'], 0)} | {f(max(peaks), 1)} | "
+                        f"`{RUNS[name]}` |")
+    e = one
+    rows += ['', f"{e['gpu']} × 4 (NVLink, NV18 between every pair), torch {e['torch']}, "
+                 f"{e['size']} × {e['frame_num']} frames, `WanT2VOptimized` defaults (FA3, "
+                 f"compiled blocks) under torchrun, {e['sample_steps']} measured steps per run "
+                 f"after a warm-up, random bf16 weights, commit {commit_of('scaling')}; each "
+                 f"row one torchrun launched by "
+                 f"`benchmark_t2v.py --scaling` (commands in the JSON). Step = the 40-step mix "
+                 f"of the two experts' medians (26 high-noise, 14 low-noise); efficiency = "
+                 f"speed-up / GPUs against the one-GPU row of `{RUNS['scaling']}`; the 40-step "
+                 f"totals are projected from measured stages (T5, steps, VAE decode on rank 0)."]
     return '\n'.join(rows)
 
 
@@ -325,6 +422,8 @@ TABLES = {
     'profile': table_profile,
     'ablation': table_ablation,
     'claims': table_claims,
+    'decode': table_decode,
+    'scaling': table_scaling,
 }
 
 MARK = re.compile(r'(<!-- BEGIN (?P<name>[\w-]+) -->\n)(.*?)(<!-- END (?P=name) -->)', re.S)
