@@ -169,13 +169,17 @@ class WanT2VOptimized(WanT2V):
             model.set_options(forward_options)
             if opts.bf16_weights and self.param_dtype in half:
                 convert_matmul_weights_(model, self.param_dtype)
-            if opts.compile and on_cuda:
+            # FSDP units (flat parameters, use_orig_params=False as the reference) are not
+            # compiled: dynamo does not trace through their parameter gathers
+            if opts.compile and on_cuda and not _is_fsdp(model):
                 _compile_blocks(model, opts.compile_mode)
             else:
                 for block in model.blocks:
                     block._compiled_call_impl = None  # undo an earlier compile
         if opts.compile and not on_cuda:
             logging.info('torch.compile skipped: no CUDA device')
+        elif opts.compile and _is_fsdp(self.low_noise_model):
+            logging.info('torch.compile skipped: the experts are FSDP-sharded (--dit_fsdp)')
         logging.info('optimizations: %s; attention kernel: %s', opts.as_dict(),
                      self.attention_backend)
 
