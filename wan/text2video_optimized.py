@@ -262,7 +262,8 @@ class WanT2VOptimized(WanT2V):
         that decodes. With cuDNN autotuning on, every decoder conv shape is tuned here (every
         later chunk of a decode repeats these shapes); and the decode's peak memory beside
         whatever is resident is measured instead of estimated, so that decode() can keep the
-        experts on the GPU when the planner's estimate was pessimistic."""
+        experts on the GPU when the planner's estimate was pessimistic. (It resets the CUDA
+        peak-memory statistics of this device.)"""
         if self.device.type != 'cuda' or self.rank != 0:
             return
         shape = self.target_shape(size, 9)  # (C, 3, H', W')
