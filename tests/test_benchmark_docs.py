@@ -27,6 +27,11 @@ def test_benchmark_smoke_schema(tmp_path):
             steps = mode['steps'][expert]
             assert len(steps['all_seconds']) == 1 and steps['median_seconds'] > 0
         assert len(mode['t5_seconds']) == 1 and len(mode['decode_seconds']) == 1
+        # the VAE alone, inside the decode stage
+        assert 0 < mode['vae_decode_seconds'][0] <= mode['decode_seconds'][0]
+        assert mode['peak_gpu_gib_per_rank'] == [None]  # one CPU process
+    assert data['parallel'] == {'world_size': 1, 'ulysses_size': 1, 'cfg_parallel': False,
+                                'dit_fsdp': False, 't5_fsdp': False, 'backend': None}
         assert mode['projected_40_step_seconds'] > 0
     assert data['projection_split_40'] == {'high': 26, 'low': 14}
     assert data['speedup']['step_high'] > 0
