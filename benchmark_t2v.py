@@ -440,12 +440,12 @@ def main(argv=None) -> dict:
     from generate import init_distributed, init_logging
     rank, world, local_rank = init_distributed(args)
     init_logging(rank)
-    cfg_size = 2 if args.cfg_parallel else 1
-    ulysses = args.ulysses_size or max(1, world // cfg_size)
-    if ulysses * cfg_size != world:
-        raise SystemExit(f'{world} process(es) cannot run ulysses_size {ulysses} x '
-                         f'{cfg_size} (CFG): launch ulysses_size x {cfg_size} processes with '
-                         f'torchrun --nproc_per_node')
+    from wan.distributed.cfg_parallel import parallel_layout
+    try:
+        _, ulysses = parallel_layout(world, args.ulysses_size, args.cfg_parallel)
+    except ValueError as exc:
+        raise SystemExit(f'{world} process(es) cannot run ulysses_size {args.ulysses_size} '
+                         f'(cfg parallel {args.cfg_parallel}): {exc}')
     if args.profile and world > 1:
         raise SystemExit('--profile times one forward on one GPU: run it without torchrun')
     from wan.configs import SIZE_CONFIGS, SUPPORTED_SIZES, WAN_CONFIGS, default_size
@@ -559,8 +559,7 @@ def main(argv=None) -> dict:
             result['ablation'] = run_ablation(pipe, args, size, toggles)
 
     if rank != 0:  # rank 0 decodes, compares and writes
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        _end_distributed()
         return result
     if 'baseline' in videos and 'optimized' in videos:
         result['agreement'] = agreement(videos['baseline'], videos['optimized'])
@@ -585,10 +584,14 @@ def main(argv=None) -> dict:
         logging.info('results written to %s', path)
         result['output_path'] = path
     print_table(result)
+    _end_distributed()
+    return result
+
+
+def _end_distributed() -> None:
     if _distributed():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return result
 
 
 def derive(result: dict) -> dict:
@@ -711,11 +714,13 @@ def run_scaling(args, argv: list) -> dict:
     return combined
 
 
-def derive_scaling(combined: dict) -> dict:
+def derive_scaling(combined: dict, one_gpu_step_seconds: Optional[float] = None) -> dict:
     """Per-step time at N GPUs against 1 GPU (same mode, same size), efficiency, projections.
 
     A run's step time is the 40-step mix of its expert medians (26 high-noise, 14 low-noise
-    steps for t2v-A14B), so both experts count as they do in a real generation.
+    steps for t2v-A14B), so both experts count as they do in a real generation. The one-GPU
+    step is this file's 1-process run, or `one_gpu_step_seconds` (from another file on the
+    same machine) when it has none.
     """
     rows = []
     for run in combined['runs']:
@@ -738,10 +743,11 @@ def derive_scaling(combined: dict) -> dict:
                      'gpu': res['env'].get('gpu'), 'torch': res['env'].get('torch'),
                      'size': res['size'], 'frame_num': res['frame_num'],
                      'sample_steps': res['sample_steps'], 'partial': run.get('partial')})
-    one = next((r for r in rows if r.get('nproc') == 1 and r.get('step_seconds')), None)
+    one = next((r['step_seconds'] for r in rows
+                if r.get('nproc') == 1 and r.get('step_seconds')), one_gpu_step_seconds)
     for r in rows:
         if one and r.get('step_seconds'):
-            r['speedup_vs_1'] = one['step_seconds'] / r['step_seconds']
+            r['speedup_vs_1'] = one / r['step_seconds']
             r['scaling_efficiency'] = r['speedup_vs_1'] / r['nproc']
     combined['scaling'] = rows
     return combined

@@ -52,14 +52,15 @@ def load_raw(name: str) -> dict:
         return json.load(f)
 
 
-def load_scaling(name: str) -> dict:
-    """A --scaling results file with every run and the scaling rows re-derived."""
+def load_scaling(name: str, one_gpu_step_seconds=None) -> dict:
+    """A --scaling results file with every run and the scaling rows re-derived (against
+    `one_gpu_step_seconds` when the file has no one-GPU run)."""
     from benchmark_t2v import derive, derive_scaling
     data = load_raw(name)
     for run in data['runs']:
         if run.get('result'):
             derive(run['result'])
-    return derive_scaling(data)
+    return derive_scaling(data, one_gpu_step_seconds)
 
 
 def f(x, nd=2, unit=''):
@@ -386,18 +387,17 @@ def table_scaling() -> str:
             '| step / (floor / GPUs) | 40-step total, projected (s) | peak per GPU (GiB) | '
             'source |', '|---|---|---|---|---|---|---|---|---|']
     for name in ('scaling', 'scaling_cfg'):
-        for r in sorted(load_scaling(name)['scaling'], key=lambda r: (r['nproc'],
-                                                                      r['cfg_parallel'])):
+        rows_of_file = load_scaling(name, one['step_seconds'])['scaling']
+        for r in sorted(rows_of_file, key=lambda r: (r['nproc'], r['cfg_parallel'])):
             if 'error' in r:
                 rows.append(f"| {r['nproc']} | {r['error']} | | | | | | | `{RUNS[name]}` |")
                 continue
             layout = (f"CFG parallel × Ulysses {r['ulysses_size']}" if r['cfg_parallel'] else
                       ('one GPU' if r['nproc'] == 1 else f"Ulysses {r['ulysses_size']}"))
-            speedup = one['step_seconds'] / r['step_seconds']
             peaks = [p for p in r['peak_gpu_gib_per_rank'] if p is not None]
             rows.append(f"| {r['nproc']} | {layout} | {f(r['step_high_seconds'])} / "
-                        f"{f(r['step_low_seconds'])} | {f(speedup)}× | "
-                        f"{f(speedup / r['nproc'])} | {f(r['ratio_to_floor_high'], 3)} | "
+                        f"{f(r['step_low_seconds'])} | {f(r['speedup_vs_1'])}× | "
+                        f"{f(r['scaling_efficiency'])} | {f(r['ratio_to_floor_high'], 3)} | "
                         f"{f(r['projected_40_step_seconds'], 0)} | {f(max(peaks), 1)} | "
                         f"`{RUNS[name]}` |")
     e = one

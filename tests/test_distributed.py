@@ -343,7 +343,9 @@ def test_sp_rope_slices_match_rope_apply():
 
 
 # ------------------------------------------------------------------------------- 2. CFG
-def test_cfg_parallel_matches_sequential(forward_results):
+def sequential_cfg_reference():
+    """The single-process CFG prediction the CFG-parallel workers compute (scale 3.5), and
+    the model and inputs it came from."""
     model = tiny_model()
     model.set_options(fp32_options())
     xs, ctx, t = make_inputs(SHAPES['odd'], batch=2)
@@ -351,8 +353,13 @@ def test_cfg_parallel_matches_sequential(forward_results):
     with torch.no_grad():
         cond = model([xs[0]], t[:1], [ctx[0]], n)[0]
         uncond = model([xs[0]], t[:1], [ctx[1]], n)[0]
+    return uncond + 3.5 * (cond - uncond), model, (xs, ctx, t, n)
+
+
+def test_cfg_parallel_matches_sequential(forward_results):
+    ref, model, (xs, ctx, t, n) = sequential_cfg_reference()
+    with torch.no_grad():
         batched = model([xs[0], xs[0]], torch.stack([t[0], t[0]]), [ctx[0], ctx[1]], n)
-    ref = uncond + 3.5 * (cond - uncond)
     ref_batched = batched[1] + 3.5 * (batched[0] - batched[1])
     a, b = forward_results
     assert a['cfg_info'].cfg_rank == 0 and b['cfg_info'].cfg_rank == 1
@@ -367,14 +374,7 @@ def test_cfg_parallel_with_ulysses_on_4_ranks(tmp_path):
     assert [r['info'].cfg_rank for r in res] == [0, 0, 1, 1]
     assert [r['info'].sp_ranks for r in res] == [(0, 1), (0, 1), (2, 3), (2, 3)]
     assert [r['info'].cfg_ranks for r in res] == [(0, 2), (1, 3), (0, 2), (1, 3)]
-    model = tiny_model()
-    model.set_options(fp32_options())
-    xs, ctx, t = make_inputs(SHAPES['odd'], batch=2)
-    n = tokens(SHAPES['odd'])
-    with torch.no_grad():
-        cond = model([xs[0]], t[:1], [ctx[0]], n)[0]
-        uncond = model([xs[0]], t[:1], [ctx[1]], n)[0]
-    ref = uncond + 3.5 * (cond - uncond)
+    ref, _, _ = sequential_cfg_reference()
     for r in res:
         assert torch.equal(r['pred'], res[0]['pred'])
         assert rel(r['pred'], ref) <= RTOL

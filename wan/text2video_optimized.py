@@ -199,9 +199,7 @@ class WanT2VOptimized(WanT2V):
             return plan
         expert_bytes = max(_param_bytes(self.low_noise_model),
                            _param_bytes(self.high_noise_model))
-        # blocks the caching allocator holds but does not use count as free
-        free = torch.cuda.mem_get_info(self.device)[0] + \
-            torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        free = _free_gpu_bytes(self.device)
         # memory already held by our own models on the GPU is available to the plan
         ours = sum(_param_bytes(m, on_device=self.device) for m in (
             self.low_noise_model, self.high_noise_model, self.text_encoder.model))
@@ -295,9 +293,7 @@ class WanT2VOptimized(WanT2V):
         frames = 1 + self.vae_stride[0] * (x0.shape[1] - 1)
         video = 3 * frames * x0.shape[-2] * self.vae_stride[1] * x0.shape[-1] * \
             self.vae_stride[2] * 4
-        free = torch.cuda.mem_get_info(self.device)[0] + \
-            torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return peak + 3 * video + 2**30 <= free
+        return peak + 3 * video + 2**30 <= _free_gpu_bytes(self.device)
 
     def _pick_cross_attention_kernel(self, batch: int, tokens: int) -> None:
         """With attention='auto', time the fast kernels on the real cross-attention shape
@@ -453,6 +449,12 @@ class WanT2VOptimized(WanT2V):
                                     offload_model=offload_model)
         finally:
             self._plan = None
+
+
+def _free_gpu_bytes(device: torch.device) -> int:
+    """Free GPU memory, counting blocks the caching allocator holds but does not use."""
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
+        torch.cuda.memory_allocated(device)
 
 
 def _is_fsdp(module: nn.Module) -> bool:

@@ -102,9 +102,8 @@ class CausalConv3d(nn.Conv3d):
             return super().forward(x)  # 1x1x1: no padding, never a cache
         # 1x1x1 convs (no time padding) never take the cache.
         t_cache = cache_x.shape[2] if cache_x is not None and front > 0 else 0
-        if t_cache > front:  # more context than the kernel reads: the generic path
-            x = torch.cat([cache_x.to(x.device), x], dim=2)
-            return super().forward(F.pad(x, (wl, wr, ht, hb, front - t_cache, 0)))
+        if t_cache > front:  # caches hold CACHE_T = 2 frames, front padding is 2 (3-tap)
+            raise ValueError(f'cache of {t_cache} frames for a conv that reads {front}')
         # [zero frames | cache | x], zero-bordered in H and W, written into one buffer: the
         # values torch.cat + F.pad give, with one full-size copy of the activation fewer (at
         # 720p a decoder activation is ~2 GB) and in the input's memory layout.
