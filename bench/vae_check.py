@@ -15,17 +15,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmark_t2v import psnr  # noqa: E402
+from wan.configs import SIZE_CONFIGS  # noqa: E402
 from wan.modules.vae2_1 import Wan2_1_VAE  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--size', default='1280*720')
-    p.add_argument('--latent_frames', type=int, default=6)
+    p.add_argument('--size', default='1280*720', choices=list(SIZE_CONFIGS))
+    p.add_argument('--latent_frames', type=int, default=6, choices=range(1, 22),
+                   metavar='1..21')
     p.add_argument('--reps', type=int, default=2)
     p.add_argument('--output', default=None)
     args = p.parse_args()
-    w, h = map(int, args.size.split('*'))
+    w, h = SIZE_CONFIGS[args.size]
     torch.backends.cudnn.benchmark = True
     vae = Wan2_1_VAE(device='cuda', random_init_seed=1)
     z = torch.randn(16, args.latent_frames, h // 8, w // 8, device='cuda',
