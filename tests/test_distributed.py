@@ -57,7 +57,19 @@ def _entry(rank, world, port, out_dir, fn, args):
     except Exception as exc:  # reported to the test, which decides
         result = {'error': f'{type(exc).__name__}: {exc}', 'traceback': traceback.format_exc()}
     torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
+    failed = isinstance(result, dict) and 'error' in result
+    try:  # neither rank tears down while the other still talks to it
+        if not failed:  # (a failed rank may have peers stuck in a collective: leave now)
+            dist.barrier()
+    except Exception:  # noqa: BLE001 - a peer that failed has left; its result file says why
+        pass
     dist.destroy_process_group()
+    # Leave without the interpreter's teardown: once in CI, a rank that had finished aborted
+    # there inside gloo/c10d ("terminate called without an active exception", SIGABRT), which
+    # failed a test whose results were all written. The result file is closed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(fn, tmp_dir, *args, world: int = 2, timeout: float = 150.0):
