@@ -440,3 +440,37 @@ def test_load_released_layout(tmp_path, tiny_pipe, tiny_cfg):
     video = pipe.generate('a cat plays the piano', size=SIZE, frame_num=5, shift=12.0,
                           sampling_steps=2, guide_scale=(3.0, 4.0), seed=1)
     assert video.shape == (3, 5, 64, 128) and torch.isfinite(video).all()
+
+
+def test_stages_are_announced_to_observers(tiny_pipe):
+    from wan.utils.timing import PipelineObserver, STAGES
+
+    class Log(PipelineObserver):
+        def __init__(self):
+            self.events = []
+
+        def stage_started(self, name, info):
+            self.events.append(('start', name, info.get('expert')))
+
+        def stage_finished(self, name, info):
+            self.events.append(('end', name, info.get('expert')))
+            if name == 'decode':
+                self.latent = info['latent']
+
+    log = tiny_pipe.add_observer(Log())
+    try:
+        video = tiny_pipe.generate(PROMPT, size=SIZE, frame_num=FRAMES, shift=12.0,
+                                   sampling_steps=4, guide_scale=(3.0, 4.0), seed=3)
+    finally:
+        tiny_pipe.remove_observer(log)
+    names = [n for kind, n, _ in log.events if kind == 'start']
+    assert set(names) == set(STAGES)
+    assert names[0] == 'text_encode' and names[-2:] == ['decode', 'vae_decode']
+    steps = [e for kind, n, e in log.events if kind == 'start' and n == 'step']
+    assert steps == ['high', 'high', 'high', 'low']  # 999, 972, 922 | 799 at shift 12, 4 steps
+    # every stage that started finished, innermost first
+    assert log.events.count(('end', 'vae_decode', None)) == 1
+    assert log.events.index(('end', 'vae_decode', None)) < \
+        log.events.index(('end', 'decode', None))
+    assert log.latent.shape == (16, 3, SIZE[1] // 8, SIZE[0] // 8)
+    assert video.shape == (3, FRAMES, SIZE[1], SIZE[0])

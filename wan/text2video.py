@@ -26,6 +26,7 @@ from .modules.vae2_1 import Wan2_1_VAE
 from .utils.fm_solvers import (FlowDPMSolverMultistepScheduler, get_sampling_sigmas,
                                retrieve_timesteps)
 from .utils.fm_solvers_unipc import FlowUniPCMultistepScheduler
+from .utils.timing import PipelineObserver
 
 __all__ = ['WanT2V', 'check_checkpoint_dir']
 
@@ -180,6 +181,27 @@ class WanT2V:
                                                    random_init_seed + 3, use_sp, dit_fsdp,
                                                    shard_fn, convert_model_dtype)
         self.sample_neg_prompt = config.sample_neg_prompt
+        self.observers: List[PipelineObserver] = []
+
+    # ------------------------------------------------------------------ stages
+    def add_observer(self, observer: PipelineObserver) -> PipelineObserver:
+        """Follow this pipeline's stages (wan/utils/timing.py); returns the observer."""
+        self.observers.append(observer)
+        return observer
+
+    def remove_observer(self, observer: PipelineObserver) -> None:
+        self.observers.remove(observer)
+
+    @contextmanager
+    def stage(self, name: str, **info):
+        """Announce one stage of generate() to the observers (and to torch.profiler as a
+        `wan::name` range); yields the stage's info dict, which the stage may extend."""
+        with torch.profiler.record_function(f'wan::{name}'):
+            for observer in self.observers:
+                observer.stage_started(name, info)
+            yield info
+            for observer in reversed(self.observers):
+                observer.stage_finished(name, info)
 
     # ------------------------------------------------------------------ construction
     def _dit_kwargs(self) -> dict:
@@ -339,7 +361,8 @@ class WanT2V:
         seed_g = torch.Generator(device=self.device)
         seed_g.manual_seed(seed)
 
-        context, context_null = self._encode_text([input_prompt, n_prompt], offload_model)
+        with self.stage('text_encode'):
+            context, context_null = self._encode_text([input_prompt, n_prompt], offload_model)
         if self.param_dtype not in (torch.bfloat16, torch.float16):
             # no autocast region below (see _autocast): cast the bf16 T5 output to the compute
             # dtype here, as the reference's autocast(dtype=float32) does for text_embedding
@@ -353,10 +376,13 @@ class WanT2V:
                 sample_solver, sampling_steps, shift, self.device, self.num_train_timesteps)
             latents = noise
             for t in tqdm(timesteps, desc='denoising', disable=self.rank != 0):
-                model = self._prepare_model_for_timestep(t, boundary, offload_model)
-                scale = guide_scale[1] if t.item() >= boundary else guide_scale[0]
-                noise_pred = self._predict_noise(model, latents, t, context, context_null,
-                                                 seq_len, scale)
+                expert = 'high' if t.item() >= boundary else 'low'
+                with self.stage('expert_switch', expert=expert, t=t):
+                    model = self._prepare_model_for_timestep(t, boundary, offload_model)
+                scale = guide_scale[1] if expert == 'high' else guide_scale[0]
+                with self.stage('step', expert=expert, t=t):
+                    noise_pred = self._predict_noise(model, latents, t, context, context_null,
+                                                     seq_len, scale)
                 latents = sample_scheduler.step(noise_pred.unsqueeze(0), t,
                                                 latents.unsqueeze(0), return_dict=False,
                                                 generator=seed_g)[0].squeeze(0)
@@ -366,7 +392,11 @@ class WanT2V:
                 self.high_noise_model.cpu()
                 if self.device.type == 'cuda':
                     torch.cuda.empty_cache()
-            videos = self.decode(x0) if self.rank == 0 else None
+            if self.rank == 0:
+                with self.stage('decode', latent=x0):
+                    videos = self.decode(x0)
+            else:
+                videos = None
 
         del noise, latents, sample_scheduler
         if offload_model:
@@ -379,7 +409,8 @@ class WanT2V:
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Latent (16, T', H', W') -> video (3, F, H, W) in [-1, 1]."""
-        return self.vae.decode([x0])[0]
+        with self.stage('vae_decode'):
+            return self.vae.decode([x0])[0]
 
     @contextmanager
     def _no_sync(self):
