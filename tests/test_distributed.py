@@ -342,14 +342,14 @@ def test_sp_padding_is_invisible():
 
 
 def test_sp_rope_slices_match_rope_apply():
-    from wan.distributed.sequence_parallel import sp_rope_apply, sp_rope_freqs
-    from wan.modules.model import rope_apply
-    # the rank slices of the padded table, concatenated, rotate like rope_apply
+    from wan.modules.model import apply_rope, rope_apply
+    # the rank slices of the padded per-token table, concatenated, rotate like rope_apply
     model = tiny_model()
     grid = torch.tensor([[3, 1, 3]])
     x = torch.randn(1, 10, 2, 32)
     full = rope_apply(x, grid, model.freqs)
-    parts = [sp_rope_apply(x[:, r * 5:(r + 1) * 5], sp_rope_freqs(grid, model.freqs, 10, r, 2))
+    table = model.rope_table(grid, 10, x.device)
+    parts = [apply_rope(x[:, r * 5:(r + 1) * 5], table[:, r * 5:(r + 1) * 5], torch.float32)
              for r in range(2)]
     assert torch.equal(torch.cat(parts, 1), full)
 

@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
-from wan.modules.model import (ForwardOptions, WanModel, rope_apply, rope_apply_fast,
-                               rope_cos_sin, rope_params, sinusoidal_embedding_1d)
+from wan.modules.model import (ForwardOptions, WanModel, apply_rope, rope_apply,
+                               rope_apply_fast, rope_cos_sin, rope_freqs_table, rope_params,
+                               sinusoidal_embedding_1d)
 from wan.utils.checkpoint import CheckpointError
 from wan.utils.random_init import build_on_meta
 
@@ -108,6 +109,19 @@ def test_rope_channel_split_and_pairing(slot, axis, omega):
     assert out[0, :, 0, mask].abs().max() == 0
 
 
+def test_rope_table_is_rope_apply_bit_for_bit():
+    # the per-token complex table (padded with 1+0i) gives rope_apply's values exactly,
+    # for samples of different grids and for padded tokens
+    model = build_on_meta(lambda: WanModel(**A14B))
+    grid = torch.tensor([[2, 3, 4], [1, 3, 4]])
+    x = torch.randn(2, 26, 3, 128)
+    ref = rope_apply(x, grid, model.freqs)
+    out = apply_rope(x, rope_freqs_table(grid, model.freqs, 26), torch.bfloat16)
+    assert out.dtype == torch.float32  # reference math: fp32 out whatever the kernel dtype
+    assert torch.equal(out, ref)
+    assert torch.equal(out[1, 12:], x[1, 12:])  # past the true length: unrotated
+
+
 def test_rope_fast_matches_reference():
     model = build_on_meta(lambda: WanModel(**A14B))
     grid = torch.tensor([[2, 3, 4], [1, 3, 4]])
@@ -137,8 +151,8 @@ def test_modulation_order_and_gates():
                                .view(1, 6, 1).expand(1, 6, d))
     x = torch.randn(1, 7, d)
     e = torch.zeros(1, 7, 6, d)
-    out = block(x, e, torch.tensor([7]), torch.tensor([[1, 1, 7]]), model.freqs,
-                torch.zeros(1, 512, d), None)
+    rope = model.rope_table(torch.tensor([[1, 1, 7]]), 7, x.device)
+    out = block(x, e, rope, torch.zeros(1, 512, d), None)
     ln = torch.nn.functional.layer_norm(x, (d,), eps=1e-6)
     # self-attn input: LN1(x) * (1 + scale_a=2) + shift_a=1
     torch.testing.assert_close(captured['attn_in'], ln * 3 + 1)
@@ -169,17 +183,16 @@ def test_context_zero_padded_before_text_mlp():
     captured = {}
     orig = model.blocks[0].forward
 
-    def spy(x, e, seq_lens, grid_sizes, freqs, context, context_lens, rope_table=None):
+    def spy(x, e, rope, context, k_lens):
         captured['context'] = context
-        captured['context_lens'] = context_lens
-        return orig(x, e, seq_lens, grid_sizes, freqs, context, context_lens, rope_table)
+        return orig(x, e, rope, context, k_lens)
 
     model.blocks[0].forward = spy
     lat = [torch.randn(16, 2, 4, 4)]
     ctx = torch.randn(5, 32)
     out_short = model(lat, torch.tensor([500]), [ctx], seq_len=8)[0]
     ctx_emb = captured['context']
-    assert ctx_emb.shape == (1, 512, model.dim) and captured['context_lens'] is None
+    assert ctx_emb.shape == (1, 512, model.dim)
     pad_row = model.text_embedding(torch.zeros(1, 32))[0]
     # pad rows are the MLP of zeros (non-zero), not zeros after the MLP
     assert pad_row.abs().max() > 0
@@ -232,6 +245,38 @@ def test_per_sample_time_and_fast_rope_equal_reference():
         out = model(lat, t, ctx, seq_len=18)
         for r, o in zip(ref, out):
             assert ((o - r).norm() / r.norm()) < 1e-5, opts
+
+
+def test_forward_passes_equal_separate_forwards_bit_for_bit():
+    model = tiny_model(seed=5)
+    lat = [torch.randn(16, 2, 4, 4)]
+    ctx_a, ctx_b = [torch.randn(4, 32)], [torch.randn(7, 32)]
+    t = torch.tensor([900])
+    a = model(lat, t, ctx_a, seq_len=8)
+    b = model(lat, t, ctx_b, seq_len=8)
+    both = model.forward_passes([(lat, t, ctx_a), (lat, t, ctx_b)], seq_len=8)
+    assert all(torch.equal(u, v) for u, v in zip(both[0] + both[1], a + b))
+
+
+def test_block_runner_is_the_one_loop():
+    from wan.modules.model import BlockRunner
+
+    class Counting(BlockRunner):
+        def __init__(self):
+            self.calls = []
+
+        def run_block(self, index, block, x, a):
+            self.calls.append(index)
+            return super().run_block(index, block, x, a)
+
+    model = tiny_model(seed=6)
+    lat, ctx, t = [torch.randn(16, 2, 4, 4)], [torch.randn(4, 32)], torch.tensor([500])
+    ref = model(lat, t, ctx, seq_len=8)[0]
+    model.block_runner = Counting()
+    out = model.forward_passes([(lat, t, ctx), (lat, t, ctx)], seq_len=8)
+    # block by block: every pass through block 0, then block 1
+    assert model.block_runner.calls == [0, 0, 1, 1]
+    assert torch.equal(out[0][0], ref) and torch.equal(out[1][0], ref)
 
 
 def test_batch_equals_single_samples():

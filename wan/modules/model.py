@@ -1,12 +1,24 @@
 """WanModel: the Wan2.2 diffusion transformer (DiT), one expert of T2V-A14B.
 
 Read top to bottom: embeddings (patch, time, text) -> N x WanAttentionBlock -> Head ->
-unpatchify. The default forward reproduces the reference's numerics (REFERENCE.md §2.3-2.5),
+unpatchify. The default forward reproduces upstream Wan2.2's numerics (docs/MODEL.md),
 including its precision map: fp32 islands (time MLP, modulation, norms, head), a float64
 sinusoid and RoPE, an fp32 residual stream after block 0's first add, and bf16 matmuls under the
 caller's autocast. `ForwardOptions` switches on the exact-math speed-ups of the optimized path
 (per-sample time embedding, an fp32 RoPE table, the attention kernel); all of them default to
 the reference behaviour.
+
+There is one forward, with two seams (docs/ARCHITECTURE.md):
+- `WanModel.block_runner` (a `BlockRunner`): the one loop over the blocks. It runs one or
+  several independent passes (e.g. CFG's conditional and unconditional ones) block by block;
+  block streaming, step caching and per-block timing replace it with a subclass.
+- `WanModel.sequence_parallel` (a `SequenceParallel`): how the tokens are spread over ranks.
+  The default keeps them on one rank; Ulysses (wan/distributed/sequence_parallel.py) splits
+  the tokens before the blocks, wraps each self-attention in all-to-alls and gathers the
+  tokens after the head.
+RoPE is prepared once per forward as one per-token table (`WanModel.rope_table`) that every
+block receives: complex128 rotations on the reference path, an fp32 (cos, sin) table with
+`fast_rope`.
 """
 from __future__ import annotations
 
@@ -15,7 +27,7 @@ import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,7 +38,8 @@ from ..utils.random_init import build_on_meta, init_random_weights_
 from .attention import attention
 
 __all__ = ['WanModel', 'sinusoidal_embedding_1d', 'rope_params', 'rope_apply',
-           'ForwardOptions']
+           'ForwardOptions', 'BlockRunner', 'BlockInputs', 'SequenceParallel', 'LOCAL',
+           'apply_rope', 'rope_freqs_table', 'rope_cos_sin', 'rope_apply_fast']
 
 
 @dataclass
@@ -115,21 +128,31 @@ def rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor) -
     return torch.stack(out).float()
 
 
+def rope_freqs_table(grid_sizes: torch.Tensor, freqs: torch.Tensor,
+                     seq_len: int) -> torch.Tensor:
+    """complex128 (B, seq_len, 1, head_dim/2): each token's rotation, tokens in (f, h, w)
+    order; the identity rotation 1+0i past a sample's true length.
+
+    Multiplying by it is `rope_apply` for every sample at once: the true tokens get the same
+    float64 products, and padded tokens times 1+0i come out unchanged.
+    """
+    tables = []
+    for f, h, w in grid_sizes.tolist():
+        fi = _grid_freqs(freqs, f, h, w)
+        pad = torch.ones(seq_len - f * h * w, fi.size(1), dtype=fi.dtype, device=fi.device)
+        tables.append(torch.cat([fi, pad]))
+    return torch.stack(tables).unsqueeze(2)
+
+
 def rope_cos_sin(grid_sizes: torch.Tensor, freqs: torch.Tensor, seq_len: int,
                  device: torch.device) -> torch.Tensor:
     """fp32 (B, seq_len, 1, head_dim/2, 2) table of (cos, sin); identity past the true length.
 
-    Derived from the same float64 table as rope_apply, so rotating with it is the same math
-    in fp32 instead of float64 (differences at fp32 rounding level).
+    The same float64 rotations as `rope_freqs_table`, rounded to fp32, so rotating with it is
+    the same math in fp32 instead of float64 (differences at fp32 rounding level).
     """
-    tables = []
-    for f, h, w in grid_sizes.tolist():
-        seq = f * h * w
-        fi = _grid_freqs(freqs, f, h, w)
-        pad = torch.ones(seq_len - seq, fi.size(1), dtype=fi.dtype, device=fi.device)
-        fi = torch.cat([fi, pad])
-        tables.append(torch.stack([fi.real, fi.imag], dim=-1))
-    return torch.stack(tables).unsqueeze(2).to(device=device, dtype=torch.float32)
+    table = rope_freqs_table(grid_sizes, freqs.cpu(), seq_len)
+    return torch.view_as_real(table).to(device=device, dtype=torch.float32)
 
 
 def rope_apply_fast(x: torch.Tensor, cos_sin: torch.Tensor,
@@ -141,6 +164,76 @@ def rope_apply_fast(x: torch.Tensor, cos_sin: torch.Tensor,
     a, b = xr[..., 0], xr[..., 1]
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2) \
         .to(out_dtype)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Rotate q or k (B, L, heads, head_dim) with the forward's per-token RoPE table.
+
+    A complex table (`rope_freqs_table`) is the reference math: float64 complex products,
+    fp32 out (the attention kernel then rounds to its dtype). An fp32 (cos, sin) table
+    (`rope_cos_sin`) is the fast path, rounded straight to `out_dtype`.
+    """
+    if rope.is_complex():
+        b, s, n, d = x.shape
+        xc = torch.view_as_complex(x.to(torch.float64).reshape(b, s, n, d // 2, 2))
+        return torch.view_as_real(xc * rope).flatten(3).float()
+    return rope_apply_fast(x, rope, out_dtype)
+
+
+class SequenceParallel:
+    """How a WanModel spreads its tokens over ranks: the default keeps all of them here.
+
+    A subclass (wan/distributed/sequence_parallel.py: Ulysses) overrides the three seams:
+    `split` a token-major tensor (B, L, ...) into this rank's chunk before the blocks (a token
+    axis of 1, a per-sample value, stays whole), `attention` around each self-attention
+    kernel call, and `gather` the chunks back after the head.
+    """
+    size = 1
+    rank = 0
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  k_lens: Optional[torch.Tensor], attend: Callable,
+                  dtype: torch.dtype) -> torch.Tensor:
+        """`attend(q, k, v, k_lens)` is the kernel call over the tokens it is given."""
+        return attend(q, k, v, k_lens)
+
+
+LOCAL = SequenceParallel()
+
+
+@dataclass
+class BlockInputs:
+    """What every block of one pass receives besides the residual stream."""
+    e0: torch.Tensor  # (B, Lt, 6, dim) fp32 modulation input, Lt = tokens or 1
+    rope: torch.Tensor  # the per-token RoPE table (see apply_rope)
+    context: torch.Tensor  # (B, text_len, dim) embedded text
+    k_lens: Optional[torch.Tensor]  # true lengths when keys are padded, else None
+
+
+class BlockRunner:
+    """The one loop over the transformer blocks.
+
+    It runs several independent passes block by block (every pass through block i, then block
+    i+1): the same math as running the passes one after another, and what lets a subclass
+    that brings each block's weights in (block streaming) do so once for all the passes.
+    Override `__call__` to change the schedule, `run_block` to wrap each block call.
+    """
+
+    def __call__(self, blocks: nn.ModuleList, xs: List[torch.Tensor],
+                 inputs: List[BlockInputs]) -> List[torch.Tensor]:
+        for index, block in enumerate(blocks):
+            xs = [self.run_block(index, block, x, a) for x, a in zip(xs, inputs)]
+        return xs
+
+    def run_block(self, index: int, block: nn.Module, x: torch.Tensor,
+                  a: BlockInputs) -> torch.Tensor:
+        return block(x, a.e0, a.rope, a.context, a.k_lens)
 
 
 class WanRMSNorm(nn.Module):
@@ -184,10 +277,11 @@ class WanSelfAttention(nn.Module):
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.o = nn.Linear(dim, dim)
-        # across all heads (REFERENCE.md §10.10), not per head
+        # across all heads, not per head (docs/MODEL.md)
         self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.options = ForwardOptions()
+        self.sequence_parallel = LOCAL
 
     def qkv(self, x: torch.Tensor):
         b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
@@ -196,18 +290,16 @@ class WanSelfAttention(nn.Module):
         v = self.v(x).view(b, s, n, d)
         return q, k, v
 
-    def forward(self, x, seq_lens, grid_sizes, freqs, rope_table=None):
+    def forward(self, x: torch.Tensor, rope: torch.Tensor,
+                k_lens: Optional[torch.Tensor]) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        if rope_table is not None:
-            dt = self.options.attn_dtype
-            q, k = rope_apply_fast(q, rope_table, dt), rope_apply_fast(k, rope_table, dt)
-        else:
-            q, k = rope_apply(q, grid_sizes, freqs), rope_apply(k, grid_sizes, freqs)
-        x = self.attend(q, k, v, seq_lens)
+        dt = self.options.attn_dtype
+        q, k = apply_rope(q, rope, dt), apply_rope(k, rope, dt)
+        x = self.sequence_parallel.attention(q, k, v, k_lens, self.attend, dt)
         return self.o(x.flatten(2))
 
     def attend(self, q, k, v, k_lens):
-        """The attention call itself; sequence parallelism replaces this method."""
+        """The attention kernel call over the tokens given (all of them under Ulysses)."""
         return attention(q, k, v, k_lens=k_lens, window_size=self.window_size,
                          dtype=self.options.attn_dtype, backend=self.options.attn_backend)
 
@@ -242,22 +334,23 @@ class WanAttentionBlock(nn.Module):
                                  nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, e, seq_lens, grid_sizes, freqs, context, context_lens,
-                rope_table=None):
-        """x: (B, L, dim); e: (B, L or 1, 6, dim) fp32."""
+    def forward(self, x: torch.Tensor, e: torch.Tensor, rope: torch.Tensor,
+                context: torch.Tensor, k_lens: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: (B, L, dim); e: (B, L or 1, 6, dim) fp32; rope: the per-token RoPE table; keys
+        of self-attention trimmed to `k_lens` when given. Cross-attention sees every text
+        token (the context is zero-padded, with no mask, as upstream)."""
         assert e.dtype == torch.float32
         with _fp32_region(x.device):
             # (shift, scale, gate) for self-attention, then for the FFN
             m = (self.modulation.unsqueeze(0) + e).chunk(6, dim=2)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (u.squeeze(2) for u in m)
 
-        y = self.self_attn(self.norm1(x).float() * (1 + scale_a) + shift_a,
-                           seq_lens, grid_sizes, freqs, rope_table)
+        y = self.self_attn(self.norm1(x).float() * (1 + scale_a) + shift_a, rope, k_lens)
         with _fp32_region(x.device):
             x = x + y * gate_a  # promotes the residual stream to fp32 from block 0 on
 
         # cross-attention: affine norm3, no modulation, no gate
-        x = x + self.cross_attn(self.norm3(x), context, context_lens)
+        x = x + self.cross_attn(self.norm3(x), context, None)
 
         y = self.ffn(self.norm2(x).float() * (1 + scale_f) + shift_f)
         with _fp32_region(x.device):
@@ -342,6 +435,8 @@ class WanModel(nn.Module):
             WanAttentionBlock(dim, ffn_dim, num_heads, window_size, qk_norm, cross_attn_norm,
                               eps) for _ in range(num_layers)])
         self.head = Head(dim, out_dim, patch_size, eps)
+        self.block_runner = BlockRunner()
+        self.sequence_parallel = LOCAL
 
         # complex128 RoPE table, a plain attribute (not a buffer, not in the checkpoint)
         d = dim // num_heads
@@ -351,7 +446,7 @@ class WanModel(nn.Module):
                                 rope_params(1024, 2 * (d // 6))], dim=1)
         self.set_options(ForwardOptions())
 
-    # ------------------------------------------------------------------ options
+    # ------------------------------------------------------------------ seams
     def set_options(self, options: ForwardOptions) -> None:
         """Share one ForwardOptions object with every attention module."""
         self.options = options
@@ -360,6 +455,12 @@ class WanModel(nn.Module):
             if isinstance(m, WanSelfAttention):
                 m.options = options
 
+    def set_sequence_parallel(self, sequence_parallel: SequenceParallel) -> None:
+        """Spread the tokens over ranks with `sequence_parallel` (LOCAL: one rank)."""
+        self.sequence_parallel = sequence_parallel
+        for block in self.blocks:
+            block.self_attn.sequence_parallel = sequence_parallel
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: List[torch.Tensor], t: torch.Tensor, context: List[torch.Tensor],
                 seq_len: int, y: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
@@ -367,19 +468,38 @@ class WanModel(nn.Module):
         (L_i, text_dim). Returns the list of predicted velocities (C, T', H', W') in fp32."""
         if y is not None:
             raise ValueError('y (image conditioning) is not used by the t2v model')
-        x, grid_sizes, seq_lens, t, context = self.embed(x, t, context, seq_len)
-        e, e0 = self.time_embed(t)
-        device = x.device
-        rope_table = self._rope_table(grid_sizes, seq_len, device) if self.options.fast_rope \
-            else None
-        # Keys are trimmed to the true lengths; with no padding that is the identity, and
-        # passing None lets the kernel skip the varlen packing (and compiled blocks a sync).
-        k_lens = None if bool((seq_lens == seq_len).all()) else seq_lens
-        for block in self.blocks:
-            x = block(x, e0, k_lens, grid_sizes, self.freqs, context, None, rope_table)
+        return self.forward_passes([(x, t, context)], seq_len)[0]
 
-        x = self.head(x, e)
-        return [u.float() for u in self.unpatchify(x, grid_sizes)]
+    def forward_passes(self, passes: Sequence[Tuple[List[torch.Tensor], torch.Tensor,
+                                                    List[torch.Tensor]]],
+                       seq_len: int) -> List[List[torch.Tensor]]:
+        """Several independent forwards, each given as (x, t, context), run through the
+        blocks together by the block runner; each result equals `forward(x, t, context,
+        seq_len)` of that pass alone."""
+        sp = self.sequence_parallel
+        if seq_len % sp.size:
+            raise ValueError(f'seq_len {seq_len} must be a multiple of the sequence-parallel '
+                             f'size {sp.size} (WanT2V.seq_len_for rounds it up)')
+        xs, inputs, heads = [], [], []
+        for x, t, context in passes:
+            x, grid_sizes, seq_lens, t, context = self.embed(x, t, context, seq_len)
+            # per-token timesteps: only this rank's tokens need an embedding (row-wise MLP)
+            e, e0 = self.time_embed(sp.split(t))
+            rope = sp.split(self.rope_table(grid_sizes, seq_len, x.device))
+            # Keys are trimmed to the true lengths; with no padding that is the identity, and
+            # passing None lets the kernel skip the varlen packing (and compiled blocks a sync)
+            k_lens = None if bool((seq_lens == seq_len).all()) else seq_lens
+            xs.append(sp.split(x))
+            inputs.append(BlockInputs(e0=e0, rope=rope, context=context, k_lens=k_lens))
+            heads.append((e, grid_sizes))
+            del x, e0, rope, context
+        xs = self.block_runner(self.blocks, xs, inputs)
+        del inputs
+        out = []
+        for x, (e, grid_sizes) in zip(xs, heads):
+            x = sp.gather(self.head(x, e))
+            out.append([u.float() for u in self.unpatchify(x, grid_sizes)])
+        return out
 
     def embed(self, x: List[torch.Tensor], t: torch.Tensor, context: List[torch.Tensor],
               seq_len: int):
@@ -422,10 +542,16 @@ class WanModel(nn.Module):
             assert e.dtype == torch.float32 and e0.dtype == torch.float32
         return e, e0
 
-    def _rope_table(self, grid_sizes, seq_len, device):
-        key = (tuple(map(tuple, grid_sizes.tolist())), seq_len, str(device))
+    def rope_table(self, grid_sizes: torch.Tensor, seq_len: int,
+                   device: torch.device) -> torch.Tensor:
+        """The per-token RoPE table of one forward (see apply_rope), cached per grid: complex128
+        rotations by default, the fp32 (cos, sin) table with `options.fast_rope`."""
+        key = (tuple(map(tuple, grid_sizes.tolist())), seq_len, str(device),
+               self.options.fast_rope)
         if key not in self._rope_cache:
-            self._rope_cache[key] = rope_cos_sin(grid_sizes, self.freqs.cpu(), seq_len, device)
+            self._rope_cache[key] = \
+                rope_cos_sin(grid_sizes, self.freqs, seq_len, device) if self.options.fast_rope \
+                else rope_freqs_table(grid_sizes, self.freqs.to(device), seq_len)
         return self._rope_cache[key]
 
     def unpatchify(self, x: torch.Tensor, grid_sizes: torch.Tensor) -> List[torch.Tensor]:
