@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from wan.modules.attention import set_default_backend
 from wan.modules.attention import attention, flash_attention, resolve_backend
 
 
@@ -55,6 +54,24 @@ def test_backend_resolution_on_cpu():
     with pytest.raises(RuntimeError, match='needs a CUDA device'):
         resolve_backend('fa3', 'cpu')
     with pytest.raises(ValueError, match='unknown attention backend'):
-        set_default_backend('nope')
+        resolve_backend('nope', 'cpu')
+    assert resolve_backend(None, 'cpu') == 'sdpa'  # None: the 'reference' policy
     with pytest.raises(ValueError, match='dropout'):
         attention(*(torch.randn(1, 2, 1, 4) for _ in range(3)), dropout_p=0.1)
+
+
+def test_registry_is_the_one_list_of_kernels():
+    from wan.modules.attention import (ATTENTION_CHOICES, AUTO_ORDER, BACKENDS, REGISTRY,
+                                       available_backends)
+    assert set(AUTO_ORDER) == set(BACKENDS) == set(REGISTRY)
+    assert ATTENTION_CHOICES == ('auto', 'reference') + BACKENDS
+    assert available_backends()[-1] == 'sdpa'  # always there, CPU included
+    # every kernel that needs no GPU gives the reference semantics through attention()
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 6, 2, 8) for _ in range(3))
+    k_lens = torch.tensor([6, 3])
+    for name, entry in REGISTRY.items():
+        if entry.needs_cuda or not entry.available():
+            continue
+        out = attention(q, k, v, k_lens=k_lens, dtype=torch.float32, backend=name)
+        torch.testing.assert_close(out[1], _manual(q[1], k[1], v[1], 3, 8 ** -0.5))

@@ -1,8 +1,8 @@
-"""The one attention entry point of the project.
+"""The one attention entry point of the project, and the registry of attention kernels.
 
 Every attention call (DiT self- and cross-attention, reference or optimized path, single GPU or
-Ulysses) goes through `attention()`, which keeps the reference semantics on every backend
-(REFERENCE.md §2.5):
+Ulysses) goes through `attention()`, which keeps upstream Wan2.2's semantics on every backend
+(docs/MODEL.md#attention):
 
 - q, k, v are (B, L, heads, head_dim); non-half inputs are cast to `dtype` (bf16);
 - queries are never trimmed; keys/values of sample b are trimmed to `k_lens[b]` (padded keys
@@ -10,7 +10,8 @@ Ulysses) goes through `attention()`, which keeps the reference semantics on ever
 - softmax scale 1/sqrt(head_dim) unless given; non-causal; no dropout at inference;
 - the output is (B, Lq, heads, head_dim) in q's original dtype.
 
-Backends (name: implementation):
+Kernels are entries of `REGISTRY` (name -> `AttentionBackend`: availability check, whether it
+needs CUDA, the dense call and the variable-length call):
 - 'fa3':   FlashAttention-3, from `flash_attn_interface` (flash-attn's Hopper build) or the
            `fa3_fwd_interface` module of the `fa3-fwd` wheel;
 - 'flash': FlashAttention-2 (`flash_attn`);
@@ -18,29 +19,24 @@ Backends (name: implementation):
 - 'sdpa_flash': PyTorch SDPA restricted to its FlashAttention-2 backend;
 - 'sdpa':  PyTorch SDPA, any backend PyTorch picks (the only choice on CPU).
 
-`backend=None` resolves through `set_default_backend()`; the reference path picks
-`REFERENCE_BACKEND` ('reference'): what upstream Wan2.2 would run on this machine (FA3 from
-`flash_attn_interface`, else FA2, else -- upstream has no fallback -- SDPA's FlashAttention-2
-backend on GPU and plain SDPA on CPU). 'auto' picks the fastest available kernel.
+Two policies resolve to a kernel name (`resolve_backend`), once per model by the pipeline:
+'reference' is what upstream Wan2.2 would run on this machine (FA3 from `flash_attn_interface`,
+else FA2, else -- upstream has no fallback -- SDPA's FlashAttention-2 backend on GPU and plain
+SDPA on CPU); 'auto' is the first available kernel of `AUTO_ORDER`, fastest first. A call
+with `backend=None` uses the 'reference' policy.
 """
 from __future__ import annotations
 
 import importlib
-import logging
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ['flash_attention', 'attention', 'available_backends', 'resolve_backend',
-           'set_default_backend', 'get_default_backend', 'BACKENDS']
-
-BACKENDS = ('fa3', 'flash', 'cudnn', 'sdpa_flash', 'sdpa')
-# Order used by 'auto': fastest first (PERFORMANCE.md: FA3 712, cuDNN 581, FA2 365 TFLOP/s).
-_AUTO_ORDER = ('fa3', 'cudnn', 'flash', 'sdpa_flash', 'sdpa')
-
-_default_backend = 'reference'
-
+           'AttentionBackend', 'REGISTRY', 'BACKENDS', 'POLICIES', 'ATTENTION_CHOICES',
+           'AUTO_ORDER']
 
 # Kernel modules found so far, by name. Plain module globals (not an lru_cache) so that
 # torch.compile treats them as constants inside compiled blocks.
@@ -74,69 +70,24 @@ def _fa2_module():
     return mod
 
 
-def _sdpa_backend_ok(name: str) -> bool:
-    if not torch.cuda.is_available():
-        return False
-    major, _ = torch.cuda.get_device_capability()
-    if name == 'cudnn':
-        return major >= 8 and torch.backends.cudnn.is_available()
-    return major >= 8  # sdpa_flash
+def _sm80_or_newer() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
-def available_backends() -> list[str]:
-    """Backends usable in this process, fastest first."""
-    found = []
-    for name in _AUTO_ORDER:
-        if name == 'fa3' and torch.cuda.is_available() and _fa3_module() is not None:
-            found.append(name)
-        elif name == 'flash' and torch.cuda.is_available() and _fa2_module() is not None:
-            found.append(name)
-        elif name in ('cudnn', 'sdpa_flash') and _sdpa_backend_ok(name):
-            found.append(name)
-        elif name == 'sdpa':
-            found.append(name)
-    return found
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One attention kernel: where it runs and how it is called.
 
-
-def resolve_backend(name: Optional[str], device: torch.device | str | None = None) -> str:
-    """Turn 'auto', 'reference' or a backend name into a backend usable on `device`."""
-    name = name or _default_backend
-    on_cuda = torch.device(device).type == 'cuda' if device is not None else \
-        torch.cuda.is_available()
-    if not on_cuda:
-        if name in ('auto', 'reference', 'sdpa'):
-            return 'sdpa'
-        raise RuntimeError(f"attention backend '{name}' needs a CUDA device; use 'sdpa' on CPU")
-    if name == 'reference':
-        if _fa3_module(upstream_only=True) is not None:
-            return 'fa3'
-        if _fa2_module() is not None:
-            return 'flash'
-        return 'sdpa_flash' if _sdpa_backend_ok('sdpa_flash') else 'sdpa'
-    if name == 'auto':
-        return available_backends()[0]
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend '{name}'; choose from "
-                         f"{('auto', 'reference') + BACKENDS}")
-    if name not in available_backends():
-        raise RuntimeError(f"attention backend '{name}' is not available here; available: "
-                           f"{available_backends()}")
-    return name
-
-
-def set_default_backend(name: str) -> str:
-    """Set the process-wide backend used when `attention(backend=None)`; returns it resolved."""
-    global _default_backend
-    if name not in ('auto', 'reference') + BACKENDS:
-        raise ValueError(f"unknown attention backend '{name}'")
-    _default_backend = name
-    resolved = resolve_backend(name)
-    logging.info('attention backend: %s (%s)', resolved, name)
-    return resolved
-
-
-def get_default_backend() -> str:
-    return _default_backend
+    `dense(q, k, v, scale, causal)` attends over every key; `varlen(q, k, v, q_lens, k_lens,
+    scale, causal)` trims keys (and queries, zero rows out) per sample. q/k/v are
+    (B, L, H, D) in a half dtype; outputs (B, Lq, H, D).
+    """
+    name: str
+    needs_cuda: bool
+    available: Callable[[], bool]
+    dense: Callable
+    varlen: Callable
+    note: str = ''
 
 
 def attention(q: torch.Tensor,
@@ -164,7 +115,7 @@ def attention(q: torch.Tensor,
         raise NotImplementedError('windowed attention is not used by Wan2.2 T2V')
     if fa_version is not None:
         backend = {3: 'fa3', 2: 'flash'}[fa_version]
-    backend = resolve_backend(backend, q.device)
+    kernel = REGISTRY[resolve_backend(backend, q.device)]
     out_dtype = q.dtype
     half = (torch.float16, torch.bfloat16)
     if q.dtype not in half:
@@ -179,14 +130,11 @@ def attention(q: torch.Tensor,
     full_k = k_lens is None or bool((k_lens == lk).all())
     full_q = q_lens is None or bool((q_lens == lq).all())
 
-    if backend in ('fa3', 'flash'):
-        if full_k and full_q:
-            out = _flash_dense(backend, q, k, v, softmax_scale, causal)
-        else:
-            out = _flash_varlen(backend, q, k, v, q_lens, k_lens, softmax_scale, causal)
+    if full_k and full_q:
+        out = kernel.dense(q, k, v, softmax_scale, causal)
     else:
-        out = _sdpa(backend, q, k, v, q_lens if not full_q else None,
-                    k_lens if not full_k else None, softmax_scale, causal)
+        out = kernel.varlen(q, k, v, None if full_q else q_lens, None if full_k else k_lens,
+                            softmax_scale, causal)
     return out.to(out_dtype)
 
 
@@ -211,18 +159,28 @@ def flash_attention(q: torch.Tensor,
 
 
 def _first(x):
-    # FA3 builds differ: some return (out, lse), newer ones a single tensor (REFERENCE.md §2.5).
+    # FA3 builds differ: some return (out, lse), newer ones a single tensor.
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def _flash_dense(backend, q, k, v, scale, causal):
-    if backend == 'fa3':
-        return _first(_MODULES['fa3'].flash_attn_func(q, k, v, softmax_scale=scale,
-                                                      causal=causal))
+def _fa3_dense(q, k, v, scale, causal):
+    return _first(_MODULES['fa3'].flash_attn_func(q, k, v, softmax_scale=scale, causal=causal))
+
+
+def _fa2_dense(q, k, v, scale, causal):
     return _MODULES['flash_attn'].flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
 
 
-def _flash_varlen(backend, q, k, v, q_lens, k_lens, scale, causal):
+def _fa3_varlen(q, k, v, q_lens, k_lens, scale, causal):
+    return _flash_varlen('fa3', q, k, v, q_lens, k_lens, scale, causal)
+
+
+def _fa2_varlen(q, k, v, q_lens, k_lens, scale, causal):
+    return _flash_varlen('flash_attn', q, k, v, q_lens, k_lens, scale, causal)
+
+
+def _flash_varlen(module, q, k, v, q_lens, k_lens, scale, causal):
+    """Pack the trimmed samples, one varlen call, unpack to (B, Lq, H, D)."""
     b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
     dev = q.device
     if q_lens is None:
@@ -235,12 +193,8 @@ def _flash_varlen(backend, q, k, v, q_lens, k_lens, scale, causal):
     vp = torch.cat([u[:n] for u, n in zip(v, k_lens.tolist())])
     cu_q = F.pad(q_lens.cumsum(0, dtype=torch.int32), (1, 0))
     cu_k = F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0))
-    if backend == 'fa3':
-        out = _first(_MODULES['fa3'].flash_attn_varlen_func(
-            qp, kp, vp, cu_q, cu_k, lq, lk, softmax_scale=scale, causal=causal))
-    else:
-        out = _MODULES['flash_attn'].flash_attn_varlen_func(
-            qp, kp, vp, cu_q, cu_k, lq, lk, softmax_scale=scale, causal=causal)
+    out = _first(_MODULES[module].flash_attn_varlen_func(
+        qp, kp, vp, cu_q, cu_k, lq, lk, softmax_scale=scale, causal=causal))
     # Unpack to (B, Lq, H, D); trimmed query rows (q_lens < Lq) are zeros.
     res = q.new_zeros(q.shape)
     for i, (start, n) in enumerate(zip(cu_q[:-1].tolist(), q_lens.tolist())):
@@ -248,33 +202,88 @@ def _flash_varlen(backend, q, k, v, q_lens, k_lens, scale, causal):
     return res
 
 
-_SDPA_BACKENDS = {
-    'cudnn': 'CUDNN_ATTENTION',
-    'sdpa_flash': 'FLASH_ATTENTION',
-}
-
-
-def _sdpa_call(backend, q, k, v, scale, causal):
+def _sdpa_call(sdpa_backend: Optional[str], q, k, v, scale, causal):
     # SDPA wants (B, H, L, D).
     args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    if backend in _SDPA_BACKENDS:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[backend])):
-            out = F.scaled_dot_product_attention(*args, is_causal=causal, scale=scale)
-    else:
+    if sdpa_backend is None:
         out = F.scaled_dot_product_attention(*args, is_causal=causal, scale=scale)
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(getattr(SDPBackend, sdpa_backend)):
+            out = F.scaled_dot_product_attention(*args, is_causal=causal, scale=scale)
     return out.transpose(1, 2)
 
 
-def _sdpa(backend, q, k, v, q_lens, k_lens, scale, causal):
-    if q_lens is None and k_lens is None:
-        return _sdpa_call(backend, q, k, v, scale, causal)
+def _sdpa_varlen(sdpa_backend, q, k, v, q_lens, k_lens, scale, causal):
     # Trimmed keys: one call per sample keeps every fused kernel usable (no mask tensor).
     res = q.new_zeros(q.shape)
     lq, lk = q.shape[1], k.shape[1]
     for i in range(q.shape[0]):
         nq = lq if q_lens is None else int(q_lens[i])
         nk = lk if k_lens is None else int(k_lens[i])
-        res[i:i + 1, :nq] = _sdpa_call(backend, q[i:i + 1, :nq], k[i:i + 1, :nk],
+        res[i:i + 1, :nq] = _sdpa_call(sdpa_backend, q[i:i + 1, :nq], k[i:i + 1, :nk],
                                        v[i:i + 1, :nk], scale, causal)
     return res
+
+
+def _sdpa_entry(name: str, sdpa_backend: Optional[str], available, note: str):
+    return AttentionBackend(
+        name=name, needs_cuda=sdpa_backend is not None, available=available,
+        dense=lambda q, k, v, scale, causal: _sdpa_call(sdpa_backend, q, k, v, scale, causal),
+        varlen=lambda q, k, v, ql, kl, scale, causal: _sdpa_varlen(sdpa_backend, q, k, v, ql,
+                                                                    kl, scale, causal),
+        note=note)
+
+
+REGISTRY: Dict[str, AttentionBackend] = {b.name: b for b in (
+    AttentionBackend('fa3', True, lambda: torch.cuda.is_available() and
+                     _fa3_module() is not None, _fa3_dense, _fa3_varlen,
+                     'FlashAttention-3 (flash_attn_interface or the fa3-fwd wheel)'),
+    AttentionBackend('flash', True, lambda: torch.cuda.is_available() and
+                     _fa2_module() is not None, _fa2_dense, _fa2_varlen,
+                     'FlashAttention-2 (flash_attn)'),
+    _sdpa_entry('cudnn', 'CUDNN_ATTENTION',
+                lambda: _sm80_or_newer() and torch.backends.cudnn.is_available(),
+                "PyTorch SDPA, cuDNN backend"),
+    _sdpa_entry('sdpa_flash', 'FLASH_ATTENTION', _sm80_or_newer,
+                "PyTorch SDPA, FlashAttention-2 backend"),
+    _sdpa_entry('sdpa', None, lambda: True, 'PyTorch SDPA, any backend (CPU too)'),
+)}
+BACKENDS = tuple(REGISTRY)
+POLICIES = ('auto', 'reference')
+# every value --attention accepts
+ATTENTION_CHOICES = POLICIES + BACKENDS
+# 'auto' takes the first available, fastest first (FA3 > cuDNN > FA2 on Hopper)
+AUTO_ORDER = ('fa3', 'cudnn', 'flash', 'sdpa_flash', 'sdpa')
+
+
+def available_backends() -> list[str]:
+    """Kernels usable in this process, fastest first."""
+    return [name for name in AUTO_ORDER if REGISTRY[name].available()]
+
+
+def resolve_backend(name: Optional[str], device: torch.device | str | None = None) -> str:
+    """Turn a policy ('auto', 'reference'; None means 'reference') or a kernel name into a
+    kernel usable on `device` (default: CUDA when present)."""
+    name = name or 'reference'
+    if name not in ATTENTION_CHOICES:
+        raise ValueError(f"unknown attention backend '{name}'; choose from "
+                         f"{', '.join(ATTENTION_CHOICES)}")
+    on_cuda = torch.device(device).type == 'cuda' if device is not None else \
+        torch.cuda.is_available()
+    if not on_cuda:
+        if name in POLICIES or not REGISTRY[name].needs_cuda:
+            return 'sdpa'
+        raise RuntimeError(f"attention backend '{name}' needs a CUDA device; use 'sdpa' on CPU")
+    if name == 'reference':
+        if _fa3_module(upstream_only=True) is not None:
+            return 'fa3'
+        if _fa2_module() is not None:
+            return 'flash'
+        return 'sdpa_flash' if REGISTRY['sdpa_flash'].available() else 'sdpa'
+    if name == 'auto':
+        return available_backends()[0]
+    if not REGISTRY[name].available():
+        raise RuntimeError(f"attention backend '{name}' is not available here; available: "
+                           f"{', '.join(available_backends())}")
+    return name
