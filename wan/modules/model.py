@@ -32,8 +32,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..utils.checkpoint import (iter_safetensors, load_tensors_, require_file,
-                                save_sharded_safetensors, safetensors_files)
+from ..utils.checkpoint import (DtypeRule, Place, Rename, Transform, iter_safetensors,
+                                load_tensors_, require_file, save_sharded_safetensors,
+                                safetensors_files)
 from ..utils.random_init import build_on_meta, init_random_weights_
 from .attention import attention
 
@@ -386,6 +387,11 @@ class WanModel(nn.Module):
     # exception: read when present so that tiny test models with small encoders load)
     ignore_for_config = ['patch_size', 'cross_attn_norm', 'qk_norm', 'window_size']
     _no_split_modules = ['WanAttentionBlock']
+    # the parts computed inside fp32 islands (docs/MODEL.md#precision): their weights keep fp32
+    # under the 'matmul' dtype policy (wan/utils/dtype_policy.py); every other weight is only
+    # a matmul/conv input under the compute dtype's autocast
+    _keep_in_fp32_modules = ('time_embedding', 'time_projection', 'head', 'modulation',
+                             'norm_q', 'norm_k', 'norm3')
 
     def __init__(self,
                  model_type: str = 't2v',
@@ -586,10 +592,25 @@ class WanModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str, subfolder: Optional[str] = None,
                         torch_dtype: Optional[torch.dtype] = None,
-                        device: torch.device | str | None = None) -> 'WanModel':
+                        device: torch.device | str | None = None, *,
+                        dtype_rule: Optional[DtypeRule] = None,
+                        rename: Optional[Rename] = None,
+                        transform: Optional[Transform] = None,
+                        place: Optional[Place] = None,
+                        before_load: Optional[Callable[['WanModel'], None]] = None
+                        ) -> 'WanModel':
         """Load config.json + safetensors (sharded with an index, or single) from
         `folder/subfolder`, streaming each tensor to `device` (default CPU) in `torch_dtype`
-        (default: the checkpoint's dtype, fp32 for the release)."""
+        (default: the checkpoint's dtype, fp32 for the release).
+
+        Keyword-only load-time hooks (wan/utils/checkpoint.py `load_tensors_`): `dtype_rule`
+        picks each tensor's dtype instead of `torch_dtype` (wan/utils/dtype_policy.py),
+        `rename` maps other formats' names, `transform` edits the tensor stream (LoRA merges,
+        fp8), `place` puts each tensor where it lives (GPU, page-locked host memory);
+        `before_load(model)` edits the model built on the meta device before any weight is
+        read (module swaps)."""
+        if torch_dtype is not None and dtype_rule is not None:
+            raise ValueError('give torch_dtype or dtype_rule, not both')
         path = os.path.join(folder, subfolder) if subfolder else folder
         if not os.path.isdir(path):
             raise FileNotFoundError(f'DiT checkpoint folder not found: looked for '
@@ -597,13 +618,17 @@ class WanModel(nn.Module):
         kwargs = cls.read_config(path)
         files, weight_map = safetensors_files(path)
         model = build_on_meta(lambda: cls(**kwargs))
+        if before_load is not None:
+            before_load(model)
         tensors = iter_safetensors(files)
         n = len(model.state_dict())
         if n > 100:  # a real expert: show progress over its ~1100 tensors
             from tqdm import tqdm
             tensors = tqdm(tensors, total=n, desc=f'loading {subfolder or path}', unit='tensor')
-        load_tensors_(model, tensors, source=path, device=device or 'cpu', dtype=torch_dtype,
-                      expected_names=weight_map.keys() if weight_map else None)
+        load_tensors_(model, tensors, source=path, device=device or 'cpu',
+                      dtype=dtype_rule or torch_dtype,
+                      expected_names=weight_map.keys() if weight_map else None,
+                      rename=rename, transform=transform, place=place)
         model.freqs = model.freqs.to(device or 'cpu')
         return model.eval().requires_grad_(False)
 

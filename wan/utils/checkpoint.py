@@ -1,6 +1,6 @@
 """The one checkpoint loader: reads the released file formats and streams tensors into models.
 
-Formats (REFERENCE.md §3):
+Formats (docs/CHECKPOINTS.md):
 - DiT experts: a folder with `config.json` and either sharded safetensors with
   `diffusion_pytorch_model.safetensors.index.json`, or a single
   `diffusion_pytorch_model.safetensors`.
@@ -24,7 +24,8 @@ from torch import nn
 
 __all__ = [
     'CheckpointError', 'require_file', 'read_pth', 'safetensors_files', 'iter_safetensors',
-    'iter_pth', 'load_tensors_', 'module_tensor_shapes', 'save_sharded_safetensors',
+    'iter_pth', 'load_tensors_', 'module_tensor_shapes', 'save_sharded_safetensors', 'chain',
+    'Rename', 'Transform', 'DtypeRule', 'Place', 'TensorStream',
 ]
 
 SAFETENSORS_INDEX = 'diffusion_pytorch_model.safetensors.index.json'
@@ -123,27 +124,67 @@ def _check_names(expected: Dict[str, torch.Size], names: Iterable[str], source: 
         raise CheckpointError(f'checkpoint {source} does not match the model: ' + '; '.join(parts))
 
 
+TensorStream = Iterator[Tuple[str, torch.Tensor]]
+# (checkpoint name) -> model name, or None to drop the tensor
+Rename = Callable[[str], Optional[str]]
+# a stream of (model name, tensor) -> a stream of (model name, tensor): name mapping is done,
+# here go LoRA merges, dequantization of stored fp8, quantization to fp8, ...
+Transform = Callable[[TensorStream], TensorStream]
+# (model name, tensor) -> dtype to store it in (wan/utils/dtype_policy.py)
+DtypeRule = Callable[[str, torch.Tensor], torch.dtype]
+# (model name, tensor already in its dtype) -> the tensor where it will live
+Place = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def chain(*transforms: Optional[Transform]) -> Optional[Transform]:
+    """Compose stream transforms left to right (None entries are skipped)."""
+    steps = [t for t in transforms if t is not None]
+    if not steps:
+        return None
+
+    def run(stream: TensorStream) -> TensorStream:
+        for step in steps:
+            stream = step(stream)
+        return stream
+    return run
+
+
 def load_tensors_(module: nn.Module,
                   tensors: Iterable[Tuple[str, torch.Tensor]],
                   *,
                   source: str,
                   device: torch.device | str = 'cpu',
-                  dtype: Optional[torch.dtype] = None,
+                  dtype: Optional[torch.dtype | DtypeRule] = None,
                   expected_names: Optional[Iterable[str]] = None,
-                  keep_dtype: Optional[Callable[[str], bool]] = None) -> nn.Module:
+                  keep_dtype: Optional[Callable[[str], bool]] = None,
+                  rename: Optional[Rename] = None,
+                  transform: Optional[Transform] = None,
+                  place: Optional[Place] = None) -> nn.Module:
     """Assign checkpoint tensors to `module` (usually built on the meta device), in place.
 
-    Each tensor is checked against the model's name and shape, converted to `device` and (for
-    floating tensors, unless `keep_dtype(name)` says otherwise) to `dtype`, and then replaces
-    the parameter or buffer. Unknown, missing or mis-shaped tensors raise CheckpointError
-    listing the first few names and the counts. `expected_names`, when known ahead (a shard
-    index), is checked before any tensor is read.
+    The stream is read one tensor at a time: each name goes through `rename`, the stream
+    through `transform`; each tensor is then checked against the model's name and shape,
+    converted to its dtype -- `dtype` is one dtype for every floating tensor (unless
+    `keep_dtype(name)`), or a rule (name, tensor) -> dtype; None keeps the file's -- and put
+    where it lives (`place(name, tensor)`, default: `.to(device)`), replacing the meta
+    parameter or buffer. So a tensor exists on the host only in the file's dtype, for the time
+    of its own conversion. Unknown, missing or mis-shaped tensors raise CheckpointError listing
+    the first few names and the counts. `expected_names`, when known ahead (a shard index, in
+    checkpoint naming), is checked before any tensor is read.
     """
     expected = module_tensor_shapes(module)
     if expected_names is not None:
-        _check_names(expected, expected_names, source)
+        names = expected_names if rename is None else \
+            [n for n in map(rename, expected_names) if n is not None]
+        if transform is None:  # a transform may add or remove tensors (e.g. fp8 scales)
+            _check_names(expected, names, source)
+    stream: TensorStream = iter(tensors)
+    if rename is not None:
+        stream = ((new, t) for new, t in ((rename(n), t) for n, t in stream) if new is not None)
+    if transform is not None:
+        stream = transform(stream)
     seen, unknown, misshaped = set(), [], []
-    for name, tensor in tensors:
+    for name, tensor in stream:
         if name not in expected:
             unknown.append(name)
             continue
@@ -151,10 +192,17 @@ def load_tensors_(module: nn.Module,
             misshaped.append(f'{name}: checkpoint {tuple(tensor.shape)} vs model '
                              f'{tuple(expected[name])}')
             continue
-        target_dtype = dtype
-        if dtype is None or not tensor.is_floating_point() or (keep_dtype and keep_dtype(name)):
+        if callable(dtype):
+            target_dtype = dtype(name, tensor)
+        elif dtype is None or not tensor.is_floating_point() or (keep_dtype and keep_dtype(name)):
             target_dtype = tensor.dtype
-        _assign(module, name, tensor.to(device=device, dtype=target_dtype, copy=False))
+        else:
+            target_dtype = dtype
+        if place is None:
+            value = tensor.to(device=device, dtype=target_dtype, copy=False)
+        else:
+            value = place(name, tensor.to(dtype=target_dtype, copy=False))
+        _assign(module, name, value)
         seen.add(name)
     missing = sorted(expected.keys() - seen)
     if unknown or missing or misshaped:

@@ -1,0 +1,60 @@
+"""The one decision of which dtype each weight is stored in.
+
+Models declare, as upstream's diffusers-style `_keep_in_fp32_modules`, the parts that run
+inside fp32 islands (for WanModel: the time MLP, the time projection, the head, the q/k
+RMSNorms, the cross-attention LayerNorm and the modulation tables). Every other floating
+weight is used only as a matmul/conv input under the compute dtype's autocast, which casts it
+to that dtype on every call: storing it in that dtype once is the same math.
+
+Modes (`DTYPE_MODES`):
+- 'checkpoint': keep each tensor's dtype as stored in the file (upstream's default);
+- 'all': every floating tensor in the compute dtype (upstream's `--convert_model_dtype`;
+  the fp32 islands then compute in fp32 from bf16 weights, exactly as upstream does);
+- 'matmul': matmul/conv weights in the compute dtype, the fp32 islands in fp32 (the optimized
+  path: the numbers of 'checkpoint' for an fp32 checkpoint, at about half the memory).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ['DTYPE_MODES', 'keeps_fp32', 'dtype_rule', 'apply_dtype_policy_']
+
+DTYPE_MODES = ('checkpoint', 'all', 'matmul')
+
+
+def keeps_fp32(model: nn.Module | type, name: str) -> bool:
+    """Whether tensor `name` of `model` belongs to an fp32 island (the model's declaration)."""
+    keep = getattr(model, '_keep_in_fp32_modules', ())
+    return any(part in keep for part in name.split('.'))
+
+
+def dtype_rule(model: nn.Module | type, mode: str,
+               compute_dtype: torch.dtype) -> Callable[[str, torch.Tensor], torch.dtype]:
+    """(name, tensor) -> the dtype to store it in, for `mode` (module docstring)."""
+    if mode not in DTYPE_MODES:
+        raise ValueError(f'unknown dtype mode {mode!r}; choose from {DTYPE_MODES}')
+
+    def rule(name: str, tensor: torch.Tensor) -> torch.dtype:
+        if not tensor.is_floating_point() or mode == 'checkpoint':
+            return tensor.dtype
+        if mode == 'all':
+            return compute_dtype
+        return torch.float32 if keeps_fp32(model, name) else compute_dtype
+    return rule
+
+
+@torch.no_grad()
+def apply_dtype_policy_(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> int:
+    """Convert an already-built model's parameters and buffers to the policy; returns how many
+    tensors changed dtype."""
+    rule = dtype_rule(model, mode, compute_dtype)
+    changed = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        dtype = rule(name, t)
+        if t.dtype != dtype:
+            t.data = t.data.to(dtype)
+            changed += 1
+    return changed
