@@ -47,6 +47,13 @@ def test_dtype_modes(mode, island, matmul):
         dtype_rule(model, 'half', torch.bfloat16)
 
 
+def test_matmul_mode_never_upcasts_an_island():
+    model = tiny()
+    model.to(torch.bfloat16)  # e.g. a bf16/fp16 checkpoint file
+    apply_dtype_policy_(model, 'matmul', torch.bfloat16)
+    assert model.blocks[0].self_attn.norm_q.weight.dtype == torch.bfloat16
+
+
 def test_loading_with_a_rule_equals_converting_after(tmp_path):
     src = tiny(seed=1)
     src.save_pretrained(str(tmp_path))

@@ -1,15 +1,17 @@
-"""WanT2VOptimized: every toggle reproduces the reference pipeline (tiny config in fp32, CPU),
-optimize_pipeline, the prompt cache, batched CFG, and the memory planner's decisions."""
+"""WanT2VOptimized: every toggle reproduces the reference pipeline (tiny config, CPU; the
+CUDA-only toggles on a GPU), the ordered one-shot passes, optimize_pipeline, the prompt cache,
+batched CFG, and the memory planner's decisions."""
 from __future__ import annotations
 
 import copy
-from dataclasses import fields
+from dataclasses import FrozenInstanceError, replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 from easydict import EasyDict
 
+from wan.optimizations import (PASSES, apply_passes, backend_flags, toggle_names)
 from wan.text2video import WanT2V
 from wan.text2video_optimized import OptimizationConfig, WanT2VOptimized, optimize_pipeline
 from wan.utils.memory_plan import GiB, MemoryPlan, plan_memory
@@ -20,6 +22,8 @@ STEPS = 6  # timesteps 999, 983, 959, 922 (high noise) | 856, 705 (low noise) at
 SEED = 11
 PROMPT = 'a lighthouse in a storm'
 REL_TOL = 1e-4
+CUDA = torch.cuda.is_available()
+gpu_only = pytest.mark.skipif(not CUDA, reason='CUDA-only toggle: no effect on the CPU')
 
 
 def rel_err(a, b):
@@ -37,10 +41,19 @@ def build(cfg):
     return WanT2V(cfg, None, random_init=True, random_init_seed=0, device='cpu')
 
 
+def build_optimized(cfg, **toggles):
+    """A fresh optimized pipeline (same random weights as build(cfg)), conservative except
+    for `toggles`."""
+    opts = replace(OptimizationConfig.conservative(), **toggles)
+    return WanT2VOptimized(cfg, None, random_init=True, random_init_seed=0, device='cpu',
+                           optimizations=opts)
+
+
 class Run:
     """generate() with the model calls, time-embedding inputs and final latents recorded."""
 
     def __init__(self, pipe, **kw):
+        from wan.utils.timing import PipelineObserver
         self.calls, self.time_shapes, self.x0 = [], [], None
         hooks = []
         for name in ('high_noise_model', 'low_noise_model'):
@@ -50,20 +63,21 @@ class Run:
                     (_n, len(args[0] if args else kwargs['x']))), with_kwargs=True))
             hooks.append(model.time_embedding.register_forward_pre_hook(
                 lambda m, args: self.time_shapes.append(tuple(args[0].shape))))
-        orig_decode = type(pipe).decode
+        run = self
 
-        def decode(x0):
-            self.x0 = x0.clone()
-            return orig_decode(pipe, x0)
+        class Latent(PipelineObserver):
+            def stage_started(self, name, info):
+                if name == 'decode':
+                    run.x0 = info['latent'].clone()
 
-        pipe.decode = decode
+        observer = pipe.add_observer(Latent())
         try:
             args = dict(size=SIZE, frame_num=FRAMES, shift=12.0, sampling_steps=STEPS,
                         guide_scale=(3.0, 4.0), seed=SEED, offload_model=True)
             args.update(kw)
             self.video = pipe.generate(PROMPT, **args)
         finally:
-            del pipe.decode
+            pipe.remove_observer(observer)
             for h in hooks:
                 h.remove()
 
@@ -84,118 +98,141 @@ def opt_pipe(cfg32):
     plain = build(cfg32)
     weights = {k: v.clone() for k, v in plain.high_noise_model.state_dict().items()}
     pipe = optimize_pipeline(plain, compile=False)
-    assert pipe is plain and type(pipe) is WanT2VOptimized
+    assert type(pipe) is WanT2VOptimized and pipe.high_noise_model is plain.high_noise_model
     sd = pipe.high_noise_model.state_dict()
     assert all(torch.equal(weights[k], sd[k]) for k in weights)
     return pipe
 
 
-ALL_ON = dict(batched_cfg=True, per_sample_time=True, fast_rope=True, attention='auto',
-              bf16_weights=True, compile=True, resident=True, prompt_cache=True,
-              vae_cudnn_benchmark=True, vae_channels_last=True, tf32=True)
-ALONE = [dict(batched_cfg=True), dict(per_sample_time=True), dict(fast_rope=True),
-         dict(attention='auto'), dict(attention='sdpa'), dict(bf16_weights=True),
-         dict(tf32=True), dict(compile=True), dict(prompt_cache=True), dict(resident=True),
-         dict(vae_cudnn_benchmark=True), dict(vae_channels_last=True)]
+# toggles that change the computation on the CPU, with how to see that they took effect
+CPU_TOGGLES = [dict(batched_cfg=True), dict(per_sample_time=True), dict(fast_rope=True),
+               dict(prompt_cache=True)]
+# toggles whose effect exists only on a GPU (kernels, compile, cuDNN, TF32, VAE layout)
+GPU_TOGGLES = [dict(attention='auto'), dict(compile=True), dict(tf32=True),
+               dict(vae_cudnn_benchmark=True), dict(vae_channels_last=True)]
+ALL_CPU = {k: v for t in CPU_TOGGLES for k, v in t.items()}
+CASES = [({}, True)] + [(t, True) for t in CPU_TOGGLES] + [(ALL_CPU, True), ({}, False),
+                                                           (ALL_CPU, False)]
 
 
-CASES = [({}, True)] + [(t, True) for t in ALONE] + [(ALL_ON, True), ({}, False),
-                                                      (ALL_ON, False)]
+def _check_effects(pipe, run, opts):
+    """Each toggle did take effect where it is observable."""
+    assert [n for _, n in run.calls] == ([2] * STEPS if opts.batched_cfg else
+                                         [1] * (2 * STEPS))
+    assert {s[1] for s in run.time_shapes} == ({1} if opts.per_sample_time else {96})
+    tables = {t.is_complex() for t in pipe.high_noise_model._rope_cache.values()}
+    assert tables == ({False} if opts.fast_rope else {True})  # fp32 (cos, sin) vs complex128
+    assert bool(pipe._prompt_cache) == opts.prompt_cache
 
 
 @pytest.mark.parametrize('toggles,offload_model', CASES, ids=[
     ('+'.join(f'{k}={v}' for k, v in t.items()) or 'conservative')
     + ('' if off else '-no_offload') for t, off in CASES])
-def test_toggle_matches_reference(opt_pipe, reference, toggles, offload_model):
-    opts = OptimizationConfig.conservative()
-    for k, v in toggles.items():
-        setattr(opts, k, v)
-    opt_pipe._setup_optimizations(opts)
-    run = Run(opt_pipe, offload_model=offload_model)
-
+def test_toggle_matches_reference(cfg32, reference, toggles, offload_model):
+    pipe = build_optimized(cfg32, **toggles)
+    run = Run(pipe, offload_model=offload_model)
     assert rel_err(run.x0, reference.x0) < REL_TOL
     assert run.video.shape == reference.video.shape == (3, 9, 64, 128)
     assert rel_err(run.video, reference.video) < REL_TOL
     if not toggles:
         # every toggle off is the reference computation itself
         assert torch.equal(run.x0, reference.x0)
+    _check_effects(pipe, run, pipe.opt)
+    assert pipe.attention_backend == 'sdpa' and pipe.compiled is False
+    assert all(p.dtype == torch.float32 for p in pipe.high_noise_model.parameters())
 
-    # each toggle did take effect where it is observable
-    batched = opts.batched_cfg
-    assert [n for _, n in run.calls] == ([2] * STEPS if batched else [1] * (2 * STEPS))
-    token_axis = {s[1] for s in run.time_shapes}
-    assert token_axis == ({1} if opts.per_sample_time else {96})
-    tables = {t.is_complex() for t in opt_pipe.high_noise_model._rope_cache.values()}
-    assert tables == ({False} if opts.fast_rope else {True})  # fp32 (cos, sin) vs complex128
-    assert opt_pipe.attention_backend == 'sdpa'
-    assert all(p.dtype == torch.float32 for p in opt_pipe.high_noise_model.parameters())
-    assert all(b._compiled_call_impl is None for b in opt_pipe.high_noise_model.blocks)
-    assert bool(opt_pipe._prompt_cache) == opts.prompt_cache
-    assert opt_pipe.vae.channels_last is False  # CUDA only: no benefit on CPU
+
+@gpu_only
+@pytest.mark.parametrize('toggles', GPU_TOGGLES, ids=lambda t: next(iter(t)))
+def test_gpu_toggle_matches_reference(tiny_cfg, toggles):
+    """On a GPU (bf16, autocast): each CUDA-only toggle keeps the reference's video within the
+    kernel-swap rounding level and takes effect."""
+    ref_pipe = WanT2V(tiny_cfg, None, random_init=True, random_init_seed=0)
+    ref = Run(ref_pipe)
+    pipe = WanT2VOptimized(tiny_cfg, None, random_init=True, random_init_seed=0,
+                           optimizations=replace(OptimizationConfig.conservative(), **toggles))
+    run = Run(pipe)
+    assert rel_err(run.x0, ref.x0) < 3e-2
+    if 'compile' in toggles:
+        assert pipe.compiled
+    if 'vae_channels_last' in toggles:
+        assert pipe.vae.channels_last
 
 
 def test_every_field_is_a_toggle():
-    """The lists above cover every OptimizationConfig field, and conservative() turns each
-    off (compile_mode is compile's setting, not a toggle of its own)."""
-    names = {f.name for f in fields(OptimizationConfig)} - {'compile_mode'}
-    assert set(ALL_ON) == names
-    assert {k for t in ALONE for k in t} == names
+    """The lists above cover every on/off toggle, conservative() turns each off, the config
+    is frozen (one configuration per pipeline) and validated."""
+    names = set(toggle_names())
+    assert names == {k for t in CPU_TOGGLES + GPU_TOGGLES for k in t} - {'attention'} | \
+        {'bf16_weights'}  # bf16_weights: test_bf16_config (it needs the bf16 config)
     default, off = OptimizationConfig(), OptimizationConfig.conservative()
     assert default.vae_channels_last is True  # same math: on by default
-    for name in names - {'attention'}:
-        assert getattr(off, name) is False, name
+    assert all(getattr(off, name) is False for name in names)
     assert off.attention == 'reference'
+    with pytest.raises(FrozenInstanceError):
+        default.compile = False
+    with pytest.raises(ValueError, match='attention must be one of'):
+        OptimizationConfig(attention='fastest')
 
 
-def test_vae_channels_last_applied_on_cuda_only(monkeypatch):
-    """_setup_optimizations sets the VAE layout from the toggle on a (simulated) CUDA device,
-    both ways, and leaves it off on CPU."""
+def test_passes_run_once_in_order(cfg32):
+    assert [name for name, _ in PASSES] == ['module swaps', 'weight dtype',
+                                            'attention kernels', 'compile']
+    pipe = build_optimized(cfg32)
+    with pytest.raises(ValueError, match='already optimized'):
+        apply_passes(pipe, pipe.opt)
+    with pytest.raises(ValueError, match='already optimized'):
+        optimize_pipeline(pipe)
+
+
+def test_vae_channels_last_only_on_cuda(cfg32, monkeypatch):
+    """The VAE layout follows the toggle on a (simulated) CUDA device and stays default on
+    the CPU, where channels-last convolutions are slower."""
     import wan.text2video_optimized as opt
-    from wan.modules.vae2_1 import Wan2_1_VAE
-    monkeypatch.setattr(opt, 'resolve_backend', lambda name, device: 'sdpa')
-    pipe = WanT2VOptimized.__new__(WanT2VOptimized)
-    expert = SimpleNamespace(set_options=lambda options: None, blocks=[])
-    pipe.low_noise_model = pipe.high_noise_model = expert
-    pipe.param_dtype = torch.float32
-    pipe._t5_offload = None  # no pinned T5 copy in this stub
-    pipe.vae = Wan2_1_VAE(device='cpu', dim=8, random_init_seed=0)
-    on = OptimizationConfig(compile=False)
-    # process-wide switches that _setup_optimizations sets on CUDA: restored below
-    saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(opt, 'PinnedOffload', lambda module: None)
+    monkeypatch.setattr(opt, 'apply_passes',
+                        lambda p, c: p.__dict__.update(compiled=False, attention_backend='sdpa'))
+    for device, toggle, expected in [('cuda', True, True), ('cuda', False, False),
+                                     ('cpu', True, False)]:
+        plain = build(cfg32)
+        plain.device = torch.device(device)
+        pipe = WanT2VOptimized.from_pipeline(
+            plain, replace(OptimizationConfig(), vae_channels_last=toggle))
+        assert pipe.vae.channels_last is expected, (device, toggle)
+        conv = pipe.vae.model.decoder.head[2].weight
+        assert conv.is_contiguous(memory_format=torch.channels_last_3d) is expected
+
+
+def test_process_wide_switches_are_scoped_to_a_call():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
     try:
-        for device, toggle, expected in [('cuda', True, True), ('cuda', False, False),
-                                         ('cuda', True, True), ('cpu', True, False)]:
-            pipe.device = torch.device(device)
-            on.vae_channels_last = toggle
-            pipe._setup_optimizations(on)
-            assert pipe.vae.channels_last is expected, (device, toggle)
-            conv = pipe.vae.model.decoder.head[2].weight
-            assert conv.is_contiguous(memory_format=torch.channels_last_3d) is expected
-            assert conv.is_contiguous() is not expected
-        pipe.device = torch.device('cuda')
-        pipe._setup_optimizations(OptimizationConfig.conservative())
-        assert pipe.vae.channels_last is False
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = False, False
+        cfg = OptimizationConfig(tf32=True, vae_cudnn_benchmark=True)
+        with backend_flags(cfg, torch.device('cuda')):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.benchmark
+        with backend_flags(cfg, torch.device('cpu')):  # nothing to switch on the CPU
+            assert not torch.backends.cuda.matmul.allow_tf32
     finally:
-        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
 def test_conservative_class_constructor_equals_reference(cfg32, reference):
-    pipe = WanT2VOptimized(cfg32, None, random_init=True, device='cpu',
-                           optimizations=OptimizationConfig.conservative())
+    pipe = build_optimized(cfg32)
     run = Run(pipe)
     assert torch.equal(run.x0, reference.x0)
     assert torch.equal(run.video, reference.video)
 
 
 def test_bf16_config(tiny_cfg, tiny_pipe):
-    """On the bf16 config: storing the autocast-only matmul weights in bf16 is bit-exact (the
-    reference casts them on every call); the fp32 islands keep fp32 weights. With every
-    toggle on, the result stays close (bf16 rounding of tiny differences only)."""
+    """On the bf16 config: storing the matmul weights in bf16 as they load is bit-exact (the
+    reference casts them on every call); the fp32 islands keep fp32 weights. bf16_weights
+    off keeps every weight fp32. With every CPU toggle on, the result stays close (bf16
+    rounding of tiny differences only)."""
     ref = Run(tiny_pipe)
-    pipe = build(tiny_cfg)
-    opts = OptimizationConfig.conservative()
-    opts.bf16_weights = True
-    optimize_pipeline(pipe, **opts.as_dict())
+    off = build_optimized(tiny_cfg)
+    assert all(p.dtype == torch.float32 for p in off.high_noise_model.parameters())
+    pipe = build_optimized(tiny_cfg, bf16_weights=True)
     dtypes = {n: p.dtype for n, p in pipe.high_noise_model.named_parameters()}
     for name, dtype in dtypes.items():
         island = name.startswith(('time_embedding', 'time_projection', 'head')) or \
@@ -207,17 +244,21 @@ def test_bf16_config(tiny_cfg, tiny_pipe):
     run = Run(pipe)
     assert torch.equal(run.x0, ref.x0)
     assert torch.equal(run.video, ref.video)
+    # the same policy applied by optimize_pipeline to a loaded fp32 pipeline
+    adopted = optimize_pipeline(build(tiny_cfg), **replace(
+        OptimizationConfig.conservative(), bf16_weights=True).as_dict())
+    assert {n: p.dtype for n, p in adopted.high_noise_model.named_parameters()} == dtypes
 
-    pipe._setup_optimizations(OptimizationConfig(**ALL_ON))
+    pipe = build_optimized(tiny_cfg, bf16_weights=True, **ALL_CPU)
     run = Run(pipe)
     assert [n for _, n in run.calls] == [2] * STEPS
     assert rel_err(run.x0, ref.x0) < 2e-2
 
 
 @pytest.mark.parametrize('dtype', ['bf16', 'fp32'])
-def test_warm_up_runs_both_experts(opt_pipe, tiny_cfg, dtype):
-    pipe = opt_pipe if dtype == 'fp32' else optimize_pipeline(build(tiny_cfg), compile=False)
-    pipe._setup_optimizations(OptimizationConfig(compile=False, batched_cfg=True))
+def test_warm_up_runs_both_experts(cfg32, tiny_cfg, dtype):
+    pipe = build_optimized(cfg32 if dtype == 'fp32' else tiny_cfg, batched_cfg=True,
+                           bf16_weights=dtype == 'bf16')
     seen = []
     hooks = [m.register_forward_pre_hook(lambda m, a, k, _n=n: seen.append((_n, len(a[0] if a else k['x']))),
                                          with_kwargs=True)
@@ -247,12 +288,10 @@ def _plan(batched):
 
 
 @pytest.mark.parametrize('per_sample_time', [False, True])
-def test_batched_cfg_equals_two_passes(opt_pipe, per_sample_time):
-    opts = OptimizationConfig.conservative()
-    opts.per_sample_time = per_sample_time
-    opt_pipe._setup_optimizations(opts)
-    latents, ctx, ctx_null = _inputs(opt_pipe)
-    model = opt_pipe.high_noise_model
+def test_batched_cfg_equals_two_passes(cfg32, per_sample_time):
+    pipe = build_optimized(cfg32, per_sample_time=per_sample_time)
+    latents, ctx, ctx_null = _inputs(pipe)
+    model = pipe.high_noise_model
     seen = []
     h = model.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append((len(kwargs.get('x', args[0] if args else None)),
@@ -260,12 +299,12 @@ def test_batched_cfg_equals_two_passes(opt_pipe, per_sample_time):
     out = {}
     try:
         for batched in (False, True):
-            opt_pipe._plan = _plan(batched)
+            pipe._plan = _plan(batched)
             with torch.no_grad():
-                out[batched] = opt_pipe._predict_noise(model, latents, torch.tensor(950), ctx,
-                                                       ctx_null, 96, 4.0)
+                out[batched] = pipe._predict_noise(model, latents, torch.tensor(950), ctx,
+                                                   ctx_null, 96, 4.0)
     finally:
-        opt_pipe._plan = None
+        pipe._plan = None
         h.remove()
     assert seen == [(1, (1,)), (1, (1,)), (2, (2,))]
     assert out[True].shape == (16, 3, 8, 16)
@@ -278,14 +317,12 @@ def test_batched_cfg_equals_two_passes(opt_pipe, per_sample_time):
     assert rel_err(out[True], c) > 1e-3
 
 
-def test_per_sample_time_equals_per_token(opt_pipe):
-    latents, ctx, _ = _inputs(opt_pipe)
-    model = opt_pipe.low_noise_model
+def test_per_sample_time_equals_per_token(cfg32):
     out = {}
     for per_sample in (False, True):
-        opts = OptimizationConfig.conservative()
-        opts.per_sample_time = per_sample
-        opt_pipe._setup_optimizations(opts)
+        pipe = build_optimized(cfg32, per_sample_time=per_sample)
+        latents, ctx, _ = _inputs(pipe)
+        model = pipe.low_noise_model
         shapes = []
         h = model.time_embedding.register_forward_pre_hook(
             lambda m, args: shapes.append(tuple(args[0].shape)))
@@ -297,33 +334,27 @@ def test_per_sample_time_equals_per_token(opt_pipe):
     assert rel_err(out[True], out[False]) < 1e-6
 
 
-def test_prompt_cache_encodes_once(opt_pipe):
-    calls = []
-    h = opt_pipe.text_encoder.model.register_forward_pre_hook(lambda m, a: calls.append(1))
-    try:
-        opts = OptimizationConfig.conservative()
-        opts.prompt_cache = True
-        opt_pipe._setup_optimizations(opts)
-        a, b = opt_pipe._encode_text(['same prompt', 'same prompt'], False)
-        assert len(calls) == 1 and torch.equal(a, b)
-        (c,) = opt_pipe._encode_text(['same prompt'], False)
-        assert len(calls) == 1 and torch.equal(a, c)
-        opt_pipe._encode_text(['another prompt'], False)
-        assert len(calls) == 2
-        # two generate() calls with one prompt: prompt and negative prompt encoded once each
-        calls.clear()
-        opt_pipe._setup_optimizations(opts)
-        for _ in range(2):
-            Run(opt_pipe, sampling_steps=1, frame_num=1)
-        assert len(calls) == 2
-
-        opts.prompt_cache = False
-        opt_pipe._setup_optimizations(opts)
-        calls.clear()
-        opt_pipe._encode_text(['same prompt', 'same prompt'], False)
-        assert len(calls) == 2
-    finally:
-        h.remove()
+def test_prompt_cache_encodes_once(cfg32):
+    for cache in (True, False):
+        pipe = build_optimized(cfg32, prompt_cache=cache)
+        calls = []
+        h = pipe.text_encoder.model.register_forward_pre_hook(lambda m, a: calls.append(1))
+        try:
+            a, b = pipe._encode_text(['same prompt', 'same prompt'], False)
+            assert len(calls) == (1 if cache else 2) and torch.equal(a, b)
+            if not cache:
+                continue
+            (c,) = pipe._encode_text(['same prompt'], False)
+            assert len(calls) == 1 and torch.equal(a, c)
+            pipe._encode_text(['another prompt'], False)
+            assert len(calls) == 2
+            # two generate() calls with one prompt: prompt and negative prompt encoded once
+            calls.clear()
+            for _ in range(2):
+                Run(pipe, sampling_steps=1, frame_num=1)
+            assert len(calls) == 2
+        finally:
+            h.remove()
 
 
 def test_optimize_pipeline_api(cfg32):
@@ -333,11 +364,13 @@ def test_optimize_pipeline_api(cfg32):
     assert type(pipe) is WanT2V  # unchanged after the rejection
     params = list(pipe.low_noise_model.parameters())
     out = optimize_pipeline(pipe, compile=False, batched_cfg=False)
-    assert out is pipe and isinstance(pipe, WanT2VOptimized) and isinstance(pipe, WanT2V)
-    assert pipe.opt.batched_cfg is False and pipe.opt.per_sample_time is True
-    assert all(a is b for a, b in zip(params, pipe.low_noise_model.parameters()))
+    assert isinstance(out, WanT2VOptimized) and isinstance(out, WanT2V)
+    assert type(pipe) is WanT2V  # no class swap: a new pipeline around the same models
+    assert out.opt.batched_cfg is False and out.opt.per_sample_time is True
+    assert all(a is b for a, b in zip(params, out.low_noise_model.parameters()))
+    assert out.vae is pipe.vae and out.text_encoder is pipe.text_encoder
     with pytest.raises(ValueError):
-        optimize_pipeline(pipe)
+        optimize_pipeline(out)
     with pytest.raises(ValueError):
         OptimizationConfig(compile_mode='fastest')
 

@@ -26,6 +26,7 @@ from .modules.vae2_1 import Wan2_1_VAE
 from .utils.fm_solvers import (FlowDPMSolverMultistepScheduler, get_sampling_sigmas,
                                retrieve_timesteps)
 from .utils.fm_solvers_unipc import FlowUniPCMultistepScheduler
+from .utils.dtype_policy import dtype_rule
 from .utils.timing import PipelineObserver
 
 __all__ = ['WanT2V', 'check_checkpoint_dir']
@@ -138,6 +139,7 @@ class WanT2V:
             # default without --convert_model_dtype).
             logging.info('convert_model_dtype ignored on %s', self.device)
             convert_model_dtype = False
+        self.convert_model_dtype = convert_model_dtype
 
         shard_fn = None
         if t5_fsdp or dit_fsdp:
@@ -214,18 +216,30 @@ class WanT2V:
             kw['text_dim'] = c.text_dim
         return kw
 
+    def experts(self) -> Tuple[torch.nn.Module, torch.nn.Module]:
+        """(low-noise expert, high-noise expert)."""
+        return self.low_noise_model, self.high_noise_model
+
+    def expert_dtype_mode(self) -> str:
+        """The experts' dtype policy (wan/utils/dtype_policy.py), applied per tensor while
+        they load: upstream keeps the checkpoint's dtype, or with --convert_model_dtype stores
+        everything in param_dtype (the same values upstream's conversion after loading gives,
+        without a full fp32 copy in host memory first)."""
+        return 'all' if self.convert_model_dtype else 'checkpoint'
+
     def _build_expert(self, subfolder, checkpoint_dir, seed, use_sp, dit_fsdp, shard_fn,
                       convert_model_dtype) -> torch.nn.Module:
+        rule = dtype_rule(WanModel, self.expert_dtype_mode(), self.param_dtype)
         if self.random_init:
             logging.info('Creating WanModel %s with random weights (seed %d)', subfolder, seed)
             # Materialise where the weights will be used (no host copy of a 57 GB expert);
             # the placement rules below then apply as for a loaded checkpoint.
-            dtype = self.param_dtype if convert_model_dtype else torch.float32
-            model = WanModel.from_random(seed=seed, device=self.device, dtype=dtype,
+            model = WanModel.from_random(seed=seed, device=self.device, dtype_rule=rule,
                                          **self._dit_kwargs())
         else:
             logging.info('Creating WanModel from %s', os.path.join(checkpoint_dir, subfolder))
-            model = WanModel.from_pretrained(checkpoint_dir, subfolder=subfolder)
+            model = WanModel.from_pretrained(checkpoint_dir, subfolder=subfolder,
+                                             dtype_rule=rule)
         return self._configure_model(model, use_sp, dit_fsdp, shard_fn, convert_model_dtype)
 
     def _configure_model(self, model, use_sp, dit_fsdp, shard_fn, convert_model_dtype):

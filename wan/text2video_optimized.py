@@ -1,111 +1,52 @@
 """WanT2VOptimized: the same videos as WanT2V, faster on one GPU.
 
-Every optimization is a named toggle in `OptimizationConfig`. Those that keep the math (same
+Every optimization is a named toggle of `OptimizationConfig` (wan/optimizations.py), applied
+once by ordered passes right after the models are built. Those that keep the math (same
 operations, differences at the rounding level of the dtype) are on by default; TF32 for the
 fp32 matmuls changes the fp32 islands' precision and is opt-in.
 
 - batched_cfg: conditional and unconditional in one batch-2 forward (the memory plan may fall
   back to two passes);
-- per_sample_time: time MLP and 6*dim projection once per sample, broadcast over tokens (the
-  reference runs them once per token: ~24 TFLOP of fp32 GEMM per 720p forward);
+- per_sample_time: time MLP and 6*dim projection once per sample, broadcast over tokens
+  (upstream runs them once per token: ~24 TFLOP of fp32 GEMM per 720p forward);
 - fast_rope: RoPE from a cached fp32 cos/sin table instead of float64 complex products;
 - attention: the fastest available kernel ('auto': FA3 > cuDNN SDPA > FA2 > SDPA);
-- bf16_weights: the matmul weights the reference casts to bf16 on every call under autocast
-  are stored in bf16 once; the fp32 islands (time MLP, head, norms, modulation) keep fp32;
+- bf16_weights: the matmul weights, which upstream casts to bf16 on every call under
+  autocast, are stored in bf16 as they load; the fp32 islands (time MLP, head, norms,
+  modulation) keep fp32;
 - compile: torch.compile of each transformer block (regional: one graph serves all 40 blocks
   of both experts, so compile time stays small), fusing the elementwise work (modulation,
   norms, RoPE, gates, residual adds) into few kernels;
-- resident experts and T5 placement chosen by the memory planner (wan/utils/memory_plan.py);
-- prompt-embedding cache: a prompt is encoded once per pipeline;
+- prompt_cache: a prompt is encoded once per pipeline;
 - vae_cudnn_benchmark: cuDNN autotuning for the VAE decode convolutions (same math);
 - vae_channels_last: the VAE convs in channels-last (NDHWC) layout, cuDNN's native tensor-core
-  layout (same math, memory layout only);
+  layout (same math, memory layout only; CUDA only: slower on the CPU);
 - tf32 (opt-in): TF32 for the remaining fp32 matmuls.
+Placement (what stays on the GPU) is decided per generate() call by the memory planner
+(wan/utils/memory_plan.py) from `offload_model` and the free memory.
 
-`optimize_pipeline(pipe, **toggles)` upgrades an existing WanT2V in place with the same code.
+`optimize_pipeline(pipe, **toggles)` builds the optimized pipeline around an existing
+WanT2V's models (same weights), with the same passes.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from contextlib import contextmanager
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .modules.attention import attention, available_backends, resolve_backend
-from .modules.model import ForwardOptions, WanModel
+from .modules.attention import attention, available_backends
+from .optimizations import (COMPILE_MODES, OptimizationConfig, apply_passes, backend_flags,
+                            is_fsdp, weight_dtype_mode)
 from .text2video import WanT2V
 from .utils.memory_plan import MemoryPlan, log_plan, plan_memory
 from .utils.offload import PinnedOffload
 
-__all__ = ['WanT2VOptimized', 'OptimizationConfig', 'optimize_pipeline']
-
-COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
-
-
-@dataclass
-class OptimizationConfig:
-    # exact, but measured no faster than two batch-1 passes on an H100 at 480p and 720p and
-    # ~6 GiB more memory (bench/results): off by default, on by request
-    batched_cfg: bool = False
-    per_sample_time: bool = True
-    fast_rope: bool = True
-    attention: str = 'auto'
-    bf16_weights: bool = True
-    compile: bool = True
-    compile_mode: str = 'default'
-    resident: bool = True
-    prompt_cache: bool = True
-    vae_cudnn_benchmark: bool = True
-    vae_channels_last: bool = True  # same math, memory layout only
-    tf32: bool = False
-
-    def __post_init__(self):
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f'compile_mode must be one of {COMPILE_MODES}, got '
-                             f'{self.compile_mode!r}')
-
-    @classmethod
-    def conservative(cls) -> 'OptimizationConfig':
-        """Every toggle off: the reference computation inside the optimized class."""
-        return cls(batched_cfg=False, per_sample_time=False, fast_rope=False,
-                   attention='reference', bf16_weights=False, compile=False, resident=False,
-                   prompt_cache=False, vae_cudnn_benchmark=False, vae_channels_last=False,
-                   tf32=False)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-# weights the reference uses only under bf16 autocast (cast on every call): safe to store in
-# bf16. Everything else (time MLP, head, norms, modulation) is used inside fp32 islands.
-def _autocast_only_linear(name: str) -> bool:
-    if name.startswith('blocks.'):
-        return any(f'.{p}.' in f'.{name.split(".", 2)[2]}' for p in (
-            'self_attn.q', 'self_attn.k', 'self_attn.v', 'self_attn.o', 'cross_attn.q',
-            'cross_attn.k', 'cross_attn.v', 'cross_attn.o', 'ffn.0', 'ffn.2'))
-    return name.startswith(('text_embedding.', 'patch_embedding.'))
-
-
-def convert_matmul_weights_(model: nn.Module, dtype: torch.dtype) -> int:
-    """Store the autocast-only matmul weights and biases in `dtype`; returns tensors changed."""
-    changed = 0
-    for name, p in model.named_parameters():
-        if _autocast_only_linear(name) and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-            changed += 1
-    return changed
-
-
-def _compile_blocks(model: WanModel, mode: str) -> None:
-    # nn.Module.compile replaces the module's call with a compiled one in place; identical
-    # blocks share one graph (parameters are graph inputs), so compile time is one block's.
-    for block in model.blocks:
-        block.compile(mode=mode, dynamic=False)
-
+__all__ = ['WanT2VOptimized', 'OptimizationConfig', 'optimize_pipeline', 'COMPILE_MODES']
 
 class WanT2VOptimized(WanT2V):
     """Drop-in WanT2V with exact-math speed-ups (see the module docstring)."""
@@ -132,56 +73,60 @@ class WanT2VOptimized(WanT2V):
                  device: Optional[Union[str, torch.device]] = None,
                  cfg_parallel: bool = False,
                  ulysses_size: Optional[int] = None):
+        # set before the models are built: the experts load in its dtype policy
+        self.opt = optimizations or OptimizationConfig(compile=enable_compile,
+                                                       compile_mode=compile_mode,
+                                                       tf32=enable_tf32, attention=attention)
         super().__init__(config, checkpoint_dir, device_id=device_id, rank=rank,
                          t5_fsdp=t5_fsdp, dit_fsdp=dit_fsdp, use_sp=use_sp, t5_cpu=t5_cpu,
                          init_on_cpu=init_on_cpu, convert_model_dtype=convert_model_dtype,
                          random_init=random_init, random_init_seed=random_init_seed,
                          device=device, cfg_parallel=cfg_parallel, ulysses_size=ulysses_size)
-        opts = optimizations or OptimizationConfig(compile=enable_compile,
-                                                   compile_mode=compile_mode,
-                                                   tf32=enable_tf32, attention=attention)
-        self._setup_optimizations(opts)
+        self._optimize()
+
+    @classmethod
+    def from_pipeline(cls, pipe: WanT2V, optimizations: OptimizationConfig
+                      ) -> 'WanT2VOptimized':
+        """An optimized pipeline around `pipe`'s models (the same module objects: the passes
+        edit them in place, so `pipe` itself should not be used afterwards)."""
+        if isinstance(pipe, WanT2VOptimized):
+            raise ValueError('pipeline is already optimized')
+        new = cls.__new__(cls)
+        new.__dict__.update(vars(pipe))
+        new.opt = optimizations
+        new._optimize()
+        return new
+
+    def expert_dtype_mode(self) -> str:
+        return weight_dtype_mode(self.opt, self.param_dtype, self.convert_model_dtype)
 
     # ------------------------------------------------------------------ setup
-    def _setup_optimizations(self, opts: OptimizationConfig) -> None:
-        self.opt = opts
+    def _optimize(self) -> None:
+        opts = self.opt
         self._prompt_cache: Dict[str, torch.Tensor] = {}
         # latent (H', W') -> peak bytes of a short probe decode (None: it ran out of memory)
         self._vae_probe: Dict[Tuple[int, int], Optional[int]] = {}
         self._plan: Optional[MemoryPlan] = None
         on_cuda = self.device.type == 'cuda'
-        if on_cuda:
-            # process-wide switches: set both ways so that toggling back restores the default
-            torch.backends.cuda.matmul.allow_tf32 = opts.tf32
-            torch.backends.cudnn.benchmark = opts.vae_cudnn_benchmark
-        # CUDA only (no benefit on CPU); set both ways, like the switches above
+        # CUDA only: cuDNN's native layout; on the CPU channels-last convs are slower
         self.vae.set_channels_last(opts.vae_channels_last and on_cuda)
-        if on_cuda and not hasattr(self, '_t5_offload') and not _is_fsdp(self.text_encoder.model):
+        self._t5_offload = None
+        if on_cuda and not is_fsdp(self.text_encoder.model):
             # pinned host copy: T5 moves to the GPU at full PCIe bandwidth (~0.5 s, not ~10 s)
             self._t5_offload = PinnedOffload(self.text_encoder.model)
-        self.attention_backend = resolve_backend(opts.attention, self.device)
-        half = (torch.bfloat16, torch.float16)
-        forward_options = ForwardOptions(
-            attn_backend=self.attention_backend,
-            attn_dtype=self.param_dtype if self.param_dtype in half else torch.float32,
-            per_sample_time=opts.per_sample_time, fast_rope=opts.fast_rope)
-        for model in (self.low_noise_model, self.high_noise_model):
-            model.set_options(forward_options)
-            if opts.bf16_weights and self.param_dtype in half:
-                convert_matmul_weights_(model, self.param_dtype)
-            # FSDP units (flat parameters, use_orig_params=False as the reference) are not
-            # compiled: dynamo does not trace through their parameter gathers
-            if opts.compile and on_cuda and not _is_fsdp(model):
-                _compile_blocks(model, opts.compile_mode)
-            else:
-                for block in model.blocks:
-                    block._compiled_call_impl = None  # undo an earlier compile
-        if opts.compile and not on_cuda:
-            logging.info('torch.compile skipped: no CUDA device')
-        elif opts.compile and _is_fsdp(self.low_noise_model):
-            logging.info('torch.compile skipped: the experts are FSDP-sharded (--dit_fsdp)')
-        logging.info('optimizations: %s; attention kernel: %s', opts.as_dict(),
+        apply_passes(self, opts)
+        ran = dict(opts.as_dict(), compile=self.compiled,
+                   vae_channels_last=self.vae.channels_last,
+                   tf32=opts.tf32 and on_cuda, vae_cudnn_benchmark=opts.vae_cudnn_benchmark
+                   and on_cuda)
+        logging.info('optimizations in effect: %s; attention kernel: %s', ran,
                      self.attention_backend)
+
+    @contextmanager
+    def _call_scope(self):
+        """Process-wide switches of this configuration, for one call (restored after)."""
+        with backend_flags(self.opt, self.device):
+            yield
 
     # ------------------------------------------------------------------ memory plan
     def plan_for(self, size: Tuple[int, int], frame_num: int,
@@ -190,7 +135,7 @@ class WanT2VOptimized(WanT2V):
         want_batched = self.opt.batched_cfg if batched_cfg is None else batched_cfg
         # CFG parallelism: one pass per rank, never a batch of two
         want_batched = want_batched and not getattr(self, 'cfg_parallel', False)
-        want_resident = self.opt.resident and not offload_model
+        want_resident = not offload_model
         if self.device.type != 'cuda':
             plan = MemoryPlan(fits=True, experts_resident=True, batched_cfg=want_batched,
                               t5_on_gpu=False, t5_offload_after_encode=False,
@@ -221,6 +166,10 @@ class WanT2VOptimized(WanT2V):
         """Run one forward of each expert at this size so that compilation (and cuDNN/cuBLAS
         autotuning) happens now rather than inside the first denoising steps; returns seconds.
         """
+        with self._call_scope():
+            return self._warm_up(size, frame_num, batched_cfg)
+
+    def _warm_up(self, size, frame_num, batched_cfg) -> float:
         t0 = time.perf_counter()
         plan = self.plan_for(size, frame_num, offload_model=False, batched_cfg=batched_cfg)
         shape = self.target_shape(size, frame_num)
@@ -366,7 +315,7 @@ class WanT2VOptimized(WanT2V):
 
     def _t5_to(self, device) -> None:
         offload = getattr(self, '_t5_offload', None)
-        if _is_fsdp(self.text_encoder.model):
+        if is_fsdp(self.text_encoder.model):
             return  # sharded across the ranks' GPUs: it stays where FSDP put it
         if offload is None:
             self.text_encoder.model.to(device)
@@ -414,7 +363,7 @@ class WanT2VOptimized(WanT2V):
         # Plain moves: pinning 53 GiB of host memory took 95 s on the H100 machine, more than
         # it saves (see OPTIMIZATION_ANALYSIS.md).
         for m in (self.low_noise_model, self.high_noise_model):
-            if not _is_fsdp(m) and next(m.parameters()).device != torch.device(device):
+            if not is_fsdp(m) and next(m.parameters()).device != torch.device(device):
                 m.to(device)
 
     # ------------------------------------------------------------------ generate
@@ -434,6 +383,14 @@ class WanT2VOptimized(WanT2V):
         """As WanT2V.generate. `offload_model=True` keeps the reference's offloading (experts
         swapped in the loop and moved to the CPU afterwards); `False` lets the memory plan
         keep everything resident. `use_batched_cfg` overrides the batched-CFG toggle."""
+        with self._call_scope():
+            return self._generate_planned(input_prompt, size, frame_num, shift, sample_solver,
+                                          sampling_steps, guide_scale, n_prompt, seed,
+                                          offload_model, use_batched_cfg)
+
+    def _generate_planned(self, input_prompt, size, frame_num, shift, sample_solver,
+                          sampling_steps, guide_scale, n_prompt, seed, offload_model,
+                          use_batched_cfg):
         self._plan = self.plan_for(size, frame_num, offload_model, use_batched_cfg)
         log_plan(self._plan)
         self._t5_follow_plan(self._plan)
@@ -457,11 +414,6 @@ def _free_gpu_bytes(device: torch.device) -> int:
         torch.cuda.memory_allocated(device)
 
 
-def _is_fsdp(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    return isinstance(module, FullyShardedDataParallel)
-
-
 def _param_bytes(module: nn.Module, on_device: Optional[torch.device] = None) -> int:
     total = 0
     for p in module.parameters():
@@ -471,16 +423,14 @@ def _param_bytes(module: nn.Module, on_device: Optional[torch.device] = None) ->
 
 
 def optimize_pipeline(pipe: WanT2V, **toggles) -> WanT2VOptimized:
-    """Upgrade an existing WanT2V to WanT2VOptimized in place (same object, same weights).
+    """The optimized pipeline around an existing WanT2V's models (same weights, no reload).
 
-    `toggles` are OptimizationConfig fields (e.g. compile=False, batched_cfg=True).
+    `toggles` are OptimizationConfig fields (e.g. compile=False, batched_cfg=True). The
+    returned pipeline shares `pipe`'s models, which the passes edit in place: use the
+    returned object from then on (`pipe = optimize_pipeline(pipe)`).
     """
-    valid = {f.name for f in fields(OptimizationConfig)}
+    valid = {f for f in OptimizationConfig.__dataclass_fields__}
     unknown = sorted(set(toggles) - valid)
     if unknown:
         raise TypeError(f'unknown optimization toggles {unknown}; valid: {sorted(valid)}')
-    if isinstance(pipe, WanT2VOptimized):
-        raise ValueError('pipeline is already optimized')
-    pipe.__class__ = WanT2VOptimized
-    pipe._setup_optimizations(OptimizationConfig(**toggles))
-    return pipe
+    return WanT2VOptimized.from_pipeline(pipe, OptimizationConfig(**toggles))

@@ -634,8 +634,10 @@ class WanModel(nn.Module):
 
     @classmethod
     def from_random(cls, seed: int = 0, device: torch.device | str = 'cpu',
-                    dtype: Optional[torch.dtype] = None, **kwargs) -> 'WanModel':
-        """Deterministic random weights, built directly on `device` (no host copy).
+                    dtype: Optional[torch.dtype] = None, *,
+                    dtype_rule: Optional[DtypeRule] = None, **kwargs) -> 'WanModel':
+        """Deterministic random weights, built directly on `device` (no host copy), each
+        tensor in `dtype` or in the dtype `dtype_rule` gives it.
 
         The projections that write into the residual stream (attention outputs and the
         second FFN linear) are scaled by 1/sqrt(2 * num_layers), as in GPT-2-style inits, so
@@ -644,7 +646,7 @@ class WanModel(nn.Module):
         random weights should reflect rounding, not a chaotic random map.
         """
         model = build_on_meta(lambda: cls(**kwargs))
-        init_random_weights_(model, seed, device, dtype)
+        init_random_weights_(model, seed, device, dtype, dtype_rule=dtype_rule)
         with torch.no_grad():
             scale = 1.0 / math.sqrt(2 * model.num_layers)
             for block in model.blocks:

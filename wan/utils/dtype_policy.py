@@ -10,8 +10,10 @@ Modes (`DTYPE_MODES`):
 - 'checkpoint': keep each tensor's dtype as stored in the file (upstream's default);
 - 'all': every floating tensor in the compute dtype (upstream's `--convert_model_dtype`;
   the fp32 islands then compute in fp32 from bf16 weights, exactly as upstream does);
-- 'matmul': matmul/conv weights in the compute dtype, the fp32 islands in fp32 (the optimized
-  path: the numbers of 'checkpoint' for an fp32 checkpoint, at about half the memory).
+- 'matmul': matmul/conv weights in the compute dtype, the fp32 islands as stored (fp32 in the
+  release): the optimized path, the numbers of 'checkpoint' at about half the memory. Island
+  weights are never up-cast: an RMSNorm multiplies by its weight outside autocast, so a
+  bf16-stored weight must stay bf16 to compute what upstream computes with that file.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def dtype_rule(model: nn.Module | type, mode: str,
             return tensor.dtype
         if mode == 'all':
             return compute_dtype
-        return torch.float32 if keeps_fp32(model, name) else compute_dtype
+        return tensor.dtype if keeps_fp32(model, name) else compute_dtype
     return rule
 
 

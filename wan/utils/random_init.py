@@ -24,20 +24,26 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
 
 @torch.no_grad()
 def init_random_weights_(module: nn.Module, seed: int, device: torch.device | str = 'cpu',
-                         dtype: Optional[torch.dtype] = None) -> nn.Module:
+                         dtype: Optional[torch.dtype] = None,
+                         dtype_rule: Optional[Callable[[str, torch.Tensor],
+                                                       torch.dtype]] = None) -> nn.Module:
     """Materialise `module` on `device` (from meta if needed) and fill it deterministically.
 
+    Each tensor is created directly in its final dtype: `dtype` for every floating tensor, or
+    `dtype_rule(name, tensor)` per tensor (wan/utils/dtype_policy.py), else as built.
     Rules by name: norm scales ('norm', 'gamma') are ones; 'modulation' tables are
     randn/sqrt(dim); other tensors with >= 2 dims are normal(0, 1/sqrt(fan_in)); 1-D biases
-    are normal(0, 0.02). Same seed, device and dtype give the same weights.
+    are normal(0, 0.02). Values are drawn in fp32 in state-dict order, so the same seed and
+    device give the same weights whatever the storage dtypes (up to their rounding).
     """
     device = torch.device(device)
-    if any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers()):
-        module.to_empty(device=device)
-    else:
-        module.to(device)
-    if dtype is not None:
-        module.to(dtype)
+    if dtype is not None and dtype_rule is None:
+        dtype_rule = (lambda name, t: dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        target = dtype_rule(name, t) if dtype_rule is not None else t.dtype
+        if t.is_meta or t.device != device or t.dtype != target:
+            _replace(module, name, torch.empty(t.shape, dtype=target, device=device)
+                     if t.is_meta else t.to(device=device, dtype=target))
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     for name, t in module.state_dict(keep_vars=True).items():
@@ -53,6 +59,15 @@ def init_random_weights_(module: nn.Module, seed: int, device: torch.device | st
         else:
             _normal_(t, 0.02, gen)
     return module
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition('.')
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
 
 
 def _normal_(t: torch.Tensor, std: float, gen: torch.Generator) -> None:
