@@ -273,7 +273,8 @@ def _meta_context_active() -> bool:
 
 
 def umt5_xxl(**kwargs: Any) -> Union[nn.Module, tuple]:
-    """Build umT5-XXL (encoder only in this project); see API.md.
+    """Build umT5-XXL (encoder only in this project), with the call keys of upstream Wan2.2's
+    wan/modules/t5.py `umt5_xxl`.
 
     Architecture keys default to umT5-XXL and may be overridden (tiny encoders are built this
     way): vocab_size, dim, dim_attn, dim_ffn, num_heads, encoder_layers, decoder_layers,
