@@ -1,8 +1,8 @@
-"""Tests of the flow-matching schedulers (REFERENCE.md §6).
+"""Tests of the flow-matching schedulers (docs/SOLVERS.md).
 
 The solver math is checked three ways: hand-computed first steps, a float64 re-statement of
-the §6.2/§6.3 formulas compared over whole trajectories, and convergence on flows whose exact
-ODE solution is known.
+the formulas of docs/SOLVERS.md (#unipc, #dpm-solver) compared over whole trajectories, and
+convergence on flows whose exact ODE solution is known.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from wan.utils.fm_solvers import (
 )
 from wan.utils.fm_solvers_unipc import FlowUniPCMultistepScheduler
 
-# REFERENCE.md §6.1, 40 steps at shift 12.
+# docs/SOLVERS.md#integer-timesteps, 40 steps at shift 12 (upstream's schedules).
 UNIPC_40 = [
     999, 997, 995, 993, 990, 988, 985, 982, 979, 976, 972, 969, 965, 961, 956, 952, 947, 941,
     936, 929, 922, 915, 907, 898, 888, 877, 865, 852, 837, 819, 799, 776, 749, 717, 678, 631,
@@ -90,7 +90,7 @@ def lam(sigma: float) -> float:
 
 
 def unipc_reference(sigmas: np.ndarray, x: np.ndarray, velocity) -> np.ndarray:
-    """REFERENCE.md §6.2 written out in float64 (orders 1-2, bh2, predict-x0)."""
+    """docs/SOLVERS.md#unipc written out in float64 (orders 1-2, bh2, predict-x0)."""
     n = len(sigmas) - 1
     m = []
     x_hat_prev, order_prev = None, None
@@ -124,7 +124,7 @@ def unipc_reference(sigmas: np.ndarray, x: np.ndarray, velocity) -> np.ndarray:
 
 
 def dpm_reference(sigmas: np.ndarray, x: np.ndarray, velocity) -> np.ndarray:
-    """REFERENCE.md §6.3 (DPM-Solver++ 2M, midpoint) written out in float64."""
+    """docs/SOLVERS.md#dpm-solver (DPM-Solver++ 2M, midpoint) written out in float64."""
     n = len(sigmas) - 1
     m = []
     for i in range(n):

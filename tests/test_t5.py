@@ -1,4 +1,5 @@
-"""Tests for the umT5 text encoder and its tokenizers (REFERENCE.md §4, pitfall 14).
+"""Tests for the umT5 text encoder and its tokenizers (docs/TEXT_ENCODER.md,
+docs/PITFALLS.md#t5-details).
 
 Everything runs on CPU with tiny encoders, except the umT5-XXL layout check which builds the
 full encoder on the meta device (no allocation).

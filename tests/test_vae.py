@@ -1,9 +1,9 @@
-"""Tests of the Wan2.1 VAE (wan/modules/vae2_1.py) against REFERENCE.md §5.
+"""Tests of the Wan2.1 VAE (wan/modules/vae2_1.py) against docs/VAE.md.
 
 CPU only and fast: the full-size model is only ever built on the meta device (structure and
 parameter counts); behaviour is checked on a tiny VAE of the same topology (dim=8). The
 chunked encode/decode is compared with an independent whole-sequence implementation written
-here from the spec, which pins the cache rules and the first-chunk special cases.
+here from docs/VAE.md, which pins the cache rules and the first-chunk special cases.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from wan.utils.random_init import build_on_meta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# §5.1, copied by hand from the spec (not from the module under test).
+# docs/VAE.md#latent-normalisation, copied by hand (not from the module under test).
 SPEC_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
              0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
 SPEC_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
@@ -320,7 +320,8 @@ def test_upsample_nearest_keeps_dtype():
 
 
 # --------------------------------------------------------------------------------------------
-# An independent whole-sequence implementation (§5.2 semantics without chunks or caches)
+# An independent whole-sequence implementation (docs/VAE.md#building-blocks without chunks or
+# caches)
 # --------------------------------------------------------------------------------------------
 
 def _conv_full(conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Task configs and size tables (REFERENCE.md §1)."""
+"""Task configs and size tables (docs/PIPELINE.md#task-config, docs/PIPELINE.md#sizes)."""
 import copy
 import os
 

@@ -1,4 +1,5 @@
-"""Settings shared by every Wan2.2 task (REFERENCE.md §1)."""
+"""Settings shared by every Wan2.2 task (docs/PIPELINE.md#task-config; upstream:
+wan/configs/shared_config.py)."""
 import torch
 from easydict import EasyDict
 

@@ -1,10 +1,10 @@
-"""FSDP sharding of the DiT experts and the T5 encoder (REFERENCE.md §9).
+"""FSDP sharding of the DiT experts and the T5 encoder (docs/PIPELINE.md#fsdp).
 
-`shard_model` wraps a module with torch FullyShardedDataParallel exactly as the reference:
-FULL_SHARD, one FSDP unit per element of `model.blocks` (lambda auto-wrap policy),
-MixedPrecision(bf16 params, fp32 reduce, fp32 buffers), `device_id` = the local GPU,
-`sync_module_states=True` for the DiT (T5EncoderModel passes False) and
-`use_orig_params=False`.
+`shard_model` wraps a module with torch FullyShardedDataParallel exactly as upstream Wan2.2's
+wan/distributed/fsdp.py (`shard_model`) does: FULL_SHARD, one FSDP unit per element of
+`model.blocks` (lambda auto-wrap policy), MixedPrecision(bf16 params, fp32 reduce, fp32
+buffers), `device_id` = the local GPU, `sync_module_states=True` for the DiT (T5EncoderModel
+passes False) and `use_orig_params=False`.
 
 CPU (gloo) support, for tests and GPU-less machines: FSDP runs on the CPU when given
 `device_id=torch.device('cpu')` (an int device id on a machine without CUDA maps to the CPU

@@ -1,8 +1,10 @@
-"""umT5-XXL text encoder (REFERENCE.md §4), written in plain PyTorch.
+"""umT5-XXL text encoder (docs/TEXT_ENCODER.md), written in plain PyTorch.
 
 Only the encoder is implemented: Wan2.2 T2V never instantiates the T5 decoder. Parameter
-names and shapes follow the released `models_t5_umt5-xxl-enc-bf16.pth` exactly (§4.1), and the
-forward pass reproduces the reference arithmetic (§4.2), including its precision islands:
+names and shapes follow the released `models_t5_umt5-xxl-enc-bf16.pth` exactly
+(docs/TEXT_ENCODER.md#parameters), and the forward pass reproduces upstream Wan2.2's
+wan/modules/t5.py arithmetic (docs/TEXT_ENCODER.md#forward-and-precision), including its
+precision islands:
 
 - no 1/sqrt(d) attention scaling (T5 folds it into the weights);
 - padded keys get `finfo(dtype).min` added to their scores;
@@ -12,7 +14,8 @@ forward pass reproduces the reference arithmetic (§4.2), including its precisio
 - each block owns its relative-position bias table (`shared_pos=False`).
 
 Importing this module never touches CUDA: the default device of `T5EncoderModel` is resolved
-when it is constructed (the upstream module fails on CPU-only machines, §4.5).
+when it is constructed (the upstream module fails on CPU-only machines,
+docs/TEXT_ENCODER.md#placement).
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Architecture of umT5-XXL (§4.1). The decoder entry only exists for signature compatibility.
+# Architecture of umT5-XXL (docs/TEXT_ENCODER.md#architecture). The decoder entry only exists
+# for signature compatibility.
 UMT5_XXL_ARCH: Dict[str, Any] = dict(
     vocab_size=256384,
     dim=4096,
@@ -93,7 +97,8 @@ class T5LayerNorm(nn.Module):
 
 def relative_position_bucket(rel_pos: torch.Tensor, num_buckets: int = 32,
                              max_distance: int = 128, bidirectional: bool = True) -> torch.Tensor:
-    """Map relative positions (key - query) to T5 bucket indices (§4.2).
+    """Map relative positions (key - query) to T5 bucket indices
+    (docs/TEXT_ENCODER.md#relative-position-buckets).
 
     Bidirectional: half of the buckets for rel <= 0, half (offset by num_buckets // 2) for
     rel > 0. Within a half, distances below max_exact = half // 2 get one bucket each; larger
@@ -167,7 +172,8 @@ class T5Attention(nn.Module):
         v = self.v(x).view(b, -1, n, c)
 
         # The additive bias starts as zeros in the activation dtype; position bias and mask are
-        # written into it in place (§4.2), so both are rounded to that dtype like upstream.
+        # written into it in place, so both are rounded to that dtype like upstream
+        # (docs/TEXT_ENCODER.md#forward-and-precision).
         attn_bias = x.new_zeros(b, n, q.size(1), k.size(1))
         if pos_bias is not None:
             attn_bias += pos_bias
@@ -267,7 +273,8 @@ def _meta_context_active() -> bool:
 
 
 def umt5_xxl(**kwargs: Any) -> Union[nn.Module, tuple]:
-    """Build umT5-XXL (encoder only in this project); see API.md.
+    """Build umT5-XXL (encoder only in this project), with the call keys of upstream Wan2.2's
+    wan/modules/t5.py `umt5_xxl`.
 
     Architecture keys default to umT5-XXL and may be overridden (tiny encoders are built this
     way): vocab_size, dim, dim_attn, dim_ffn, num_heads, encoder_layers, decoder_layers,
@@ -325,14 +332,16 @@ def _default_device() -> torch.device:
 
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
-    """Disable a caller's autocast: T5 runs with pure bf16 weights/activations (§4.2)."""
+    """Disable a caller's autocast: T5 runs with pure bf16 weights/activations
+    (docs/TEXT_ENCODER.md#forward-and-precision)."""
     if device.type in ('cuda', 'cpu'):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
 
 
 class T5EncoderModel:
-    """Tokenizer + umT5 encoder, producing Wan's per-prompt text context (§4.4).
+    """Tokenizer + umT5 encoder, producing Wan's per-prompt text context
+    (docs/TEXT_ENCODER.md#from-t5-output-to-dit-context).
 
     Args:
         text_len: tokens per prompt after padding/truncation (512 in Wan).

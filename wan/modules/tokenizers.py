@@ -1,4 +1,4 @@
-"""Tokenizers for the umT5 text encoder (REFERENCE.md §4.3).
+"""Tokenizers for the umT5 text encoder (docs/TEXT_ENCODER.md#tokenizer-and-prompt-cleaning).
 
 `HuggingfaceTokenizer` wraps a local `transformers` tokenizer folder (the released
 `google/umt5-xxl` folder) and applies Wan's prompt cleaning before tokenizing.
@@ -29,7 +29,8 @@ TokenizerOutput = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
 def basic_clean(text: str) -> str:
-    """Repair mojibake and HTML entities, then strip (§4.3 steps 1-3).
+    """Repair mojibake and HTML entities, then strip (steps 1-3 of
+    docs/TEXT_ENCODER.md#tokenizer-and-prompt-cleaning).
 
     html.unescape runs twice because scraped prompts are often double-escaped
     ('&amp;amp;' -> '&amp;' -> '&').

@@ -1,11 +1,11 @@
-"""The Wan2.1 video VAE (REFERENCE.md §5): a causal 3-D conv autoencoder with stride (4, 8, 8).
+"""The Wan2.1 video VAE (docs/VAE.md): a causal 3-D conv autoencoder with stride (4, 8, 8).
 
 Video is processed in short chunks (encode: 1, 4, 4, ... frames; decode: one latent frame at a
 time). Every causal temporal conv remembers the last frames of its input in a `FeatureCache`
 slot, so that the next chunk sees the same temporal context a whole-sequence causal conv would
 give it; the temporal resample convs have their own first-chunk rules (`Resample`). Module
-paths, and so state-dict names, are those of the reference (§5.3), so the released
-`Wan2.1_VAE.pth` loads unchanged.
+paths, and so state-dict names, are those of upstream Wan2.2's wan/modules/vae2_1.py
+(docs/VAE.md#module-tree), so the released `Wan2.1_VAE.pth` loads unchanged.
 
 `Wan2_1_VAE.set_channels_last(True)` stores the conv weights and activations channels-last
 (NDHWC); every op between the convs keeps that layout, so cuDNN runs its native NDHWC kernels
@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 # How many trailing input frames a 3-tap causal conv needs from the previous chunk.
 CACHE_T = 2
 
-# Per-channel latent statistics of the released VAE (§5.1), exactly as published.
+# Per-channel latent statistics of the released VAE (docs/VAE.md#latent-normalisation), exactly
+# as published.
 VAE_MEAN = [
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -428,7 +429,8 @@ def _per_channel(value: Union[float, torch.Tensor], z_dim: int) -> Union[float, 
 
 
 class WanVAE_(nn.Module):
-    """Encoder, decoder and the two 1x1x1 latent convs, with chunked encode/decode (§5.4)."""
+    """Encoder, decoder and the two 1x1x1 latent convs, with chunked encode/decode
+    (docs/VAE.md#chunked-encode-and-decode)."""
 
     def __init__(self, dim: int = 96, z_dim: int = 16, dim_mult: Sequence[int] = (1, 2, 4, 4),
                  num_res_blocks: int = 2,
@@ -499,7 +501,8 @@ class WanVAE_(nn.Module):
 
 
 def _video_vae(z_dim: int = 16, dim: int = 96) -> WanVAE_:
-    """The Wan2.1 VAE topology (§5.1) at base width `dim` (96 for the released model)."""
+    """The Wan2.1 VAE topology (docs/VAE.md#hyper-parameters) at base width `dim` (96 for the
+    released model)."""
     return WanVAE_(dim=dim, z_dim=z_dim, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                    temperal_downsample=[False, True, True], dropout=0.0)
 

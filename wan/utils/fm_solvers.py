@@ -3,7 +3,8 @@
 This is the ODE (deterministic) multistep DPM-Solver++ of Lu et al. adapted to rectified flow:
 the model predicts a velocity v, the data prediction is x0 = x - sigma * v, and the
 "noise schedule" is alpha = 1 - sigma with half-log-SNR lambda = ln(alpha) - ln(sigma).
-See REFERENCE.md §6.1 and §6.3 for the facts this module reproduces.
+docs/SOLVERS.md (#sigma-schedule, #dpm-solver) states the facts this module reproduces;
+the upstream counterpart is Wan2.2's wan/utils/fm_solvers.py.
 
 The module also holds the pieces shared with ``fm_solvers_unipc`` (configuration object,
 step output, sigma shifting, step-index search) so both schedulers behave identically there.
@@ -112,7 +113,7 @@ def build_inference_sigmas(
     use_dynamic_shifting: bool,
     mu: Optional[float],
 ) -> np.ndarray:
-    """Inference sigmas (without the final 0) in float64, as REFERENCE.md §6.1 describes.
+    """Inference sigmas (without the final 0) in float64 (docs/SOLVERS.md#sigma-schedule).
 
     Custom ``sigmas`` are shifted too (with the identity shift 1 in the reference's DPM++ use,
     where get_sampling_sigmas already applied the real shift).
@@ -295,7 +296,7 @@ class FlowSchedulerBase:
         mu: Optional[float] = None,
         shift: Optional[float] = None,
     ) -> None:
-        """Build the inference schedule and reset the solver state (REFERENCE.md §6.1).
+        """Build the inference schedule and reset the solver state (docs/SOLVERS.md#sigma-schedule).
 
         Default: sigmas = linspace(sigma_max, sigma_min, N + 1)[:-1] (sigma_max = fp32 0.999
         with the constructor's shift 1), then the shift transform with ``shift`` (default: the
@@ -375,7 +376,7 @@ class FlowSchedulerBase:
 
 
 class FlowDPMSolverMultistepScheduler(FlowSchedulerBase):
-    """Multistep DPM-Solver++ for flow-matching models (REFERENCE.md §6.3).
+    """Multistep DPM-Solver++ for flow-matching models (docs/SOLVERS.md#dpm-solver).
 
     Order rule with the default ``solver_order=2``: first order at the first step (where, with
     sigma_0 = 1, it reduces to x_1 = sigma_1*x_0 + alpha_1*m_0) and at the last step (final

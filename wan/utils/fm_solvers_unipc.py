@@ -2,8 +2,8 @@
 
 UniPC (Zhao et al.) adapted to rectified flow: the model predicts a velocity v, the data
 prediction is x0 = x - sigma * v, alpha = 1 - sigma and lambda = ln(alpha) - ln(sigma).
-REFERENCE.md §6.1 and §6.2 list the facts reproduced here; this is the default sampler of
-Wan2.2 T2V-A14B (40 steps, shift 12).
+docs/SOLVERS.md (#sigma-schedule, #unipc) states the facts reproduced here (upstream: Wan2.2's
+wan/utils/fm_solvers_unipc.py); this is the default sampler of T2V-A14B (40 steps, shift 12).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 class FlowUniPCMultistepScheduler(FlowSchedulerBase):
-    """UniPC multistep sampler for flow-matching models (REFERENCE.md §6.2).
+    """UniPC multistep sampler for flow-matching models (docs/SOLVERS.md#unipc).
 
     Per step i, with velocity v_i and incoming sample x_i:
 
