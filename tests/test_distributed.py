@@ -1,5 +1,6 @@
 """Multi-process support on the CPU (gloo): Ulysses sequence parallelism, CFG parallelism, FSDP,
-the distributed generate() and the CLI's layout checks (REFERENCE.md §9, pitfall 25).
+the distributed generate() and the CLI's layout checks (docs/PIPELINE.md#fsdp,
+#ulysses-sequence-parallelism; docs/PITFALLS.md#sequence-parallel-padding).
 
 Every multi-rank check runs in processes started with torch.multiprocessing (spawn), gloo,
 MASTER_ADDR=127.0.0.1 and a free port. Workers return their results through files; the

@@ -1,6 +1,7 @@
 """WanT2V on the tiny config (CPU): the denoising loop, CFG, expert switch, offload logic,
 seeding, output shape, solvers, checkpoint errors and loading a released-layout folder
-(REFERENCE.md §7, pitfalls 2-5, 19, 22, 23)."""
+(docs/PIPELINE.md; docs/PITFALLS.md: frame count, integer timesteps, expert switch,
+CFG order, noise generator, one guidance scale on the CLI, expert offload)."""
 from __future__ import annotations
 
 import glob
@@ -18,7 +19,7 @@ SIZE = (128, 64)  # (W, H): '128*64'
 FRAMES = 9
 PROMPT = 'a cat plays the piano'
 
-# REFERENCE.md §6.1: 40 steps, shift 12
+# docs/SOLVERS.md#integer-timesteps: 40 steps, shift 12
 UNIPC_40 = [999, 997, 995, 993, 990, 988, 985, 982, 979, 976, 972, 969, 965, 961, 956, 952,
             947, 941, 936, 929, 922, 915, 907, 898, 888, 877, 865, 852, 837, 819, 799, 776,
             749, 717, 678, 631, 571, 492, 386, 235]
@@ -263,7 +264,7 @@ def _fake_gpu_pipe(init_on_cpu, start):
 
 
 @pytest.mark.parametrize('init_on_cpu,offload,start,expected', [
-    # single GPU default: swaps even with offload_model False (pitfall 23)
+    # single GPU default: swaps even with offload_model False (docs/PITFALLS.md#expert-offload)
     (True, False, 'cpu', [('high', 'cuda:0'), ('high', 'cpu'), ('low', 'cuda:0')]),
     (True, True, 'cpu', [('high', 'cuda:0'), ('high', 'cpu'), ('low', 'cuda:0')]),
     # both resident (init_on_cpu False, no offload): no movement at all

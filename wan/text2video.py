@@ -1,4 +1,4 @@
-"""WanT2V: the reference text-to-video pipeline (REFERENCE.md §7).
+"""WanT2V: the reference text-to-video pipeline (docs/PIPELINE.md; upstream wan/text2video.py).
 
 Two DiT experts switched on the integer timestep (high noise for t >= boundary), the umT5
 encoder, the Wan2.1 VAE and a flow-matching solver. This class computes what the reference
@@ -83,7 +83,7 @@ class WanT2V:
                  device: Optional[Union[str, torch.device]] = None,
                  cfg_parallel: bool = False,
                  ulysses_size: Optional[int] = None):
-        """Build the pipeline from `checkpoint_dir` (REFERENCE.md §3 layout).
+        """Build the pipeline from `checkpoint_dir` (layout: docs/CHECKPOINTS.md#folder-layout).
 
         Keyword-only additions: `random_init` builds every component with deterministic
         random weights (seeded by `random_init_seed`) instead of reading a checkpoint, with
@@ -318,7 +318,7 @@ class WanT2V:
     @staticmethod
     def make_scheduler(sample_solver: str, sampling_steps: int, shift: float, device,
                        num_train_timesteps: int = 1000):
-        """Scheduler and its timesteps, built as the reference does (REFERENCE.md §6.1)."""
+        """Scheduler and its timesteps, built as upstream does (docs/SOLVERS.md#sigma-schedule)."""
         if sample_solver == 'unipc':
             scheduler = FlowUniPCMultistepScheduler(num_train_timesteps=num_train_timesteps,
                                                     shift=1, use_dynamic_shifting=False)
@@ -340,7 +340,7 @@ class WanT2V:
                 size[1] // self.vae_stride[1], size[0] // self.vae_stride[2])
 
     def seq_len_for(self, target_shape) -> int:
-        """Token count of a latent, rounded up to a multiple of the SP size (reference §7.2)."""
+        """Token count of a latent, rounded up to a multiple of the SP size (docs/PIPELINE.md#sequence-length)."""
         return math.ceil((target_shape[2] * target_shape[3]) /
                          (self.patch_size[1] * self.patch_size[2]) *
                          target_shape[1] / self.sp_size) * self.sp_size

@@ -2,7 +2,7 @@
 
 Every attention call (DiT self- and cross-attention, reference or optimized path, single GPU or
 Ulysses) goes through `attention()`, which keeps upstream Wan2.2's semantics on every backend
-(docs/MODEL.md#attention):
+(docs/MODEL.md#self-attention-and-rope):
 
 - q, k, v are (B, L, heads, head_dim); non-half inputs are cast to `dtype` (bf16);
 - queries are never trimmed; keys/values of sample b are trimmed to `k_lens[b]` (padded keys

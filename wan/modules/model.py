@@ -387,7 +387,7 @@ class WanModel(nn.Module):
     # exception: read when present so that tiny test models with small encoders load)
     ignore_for_config = ['patch_size', 'cross_attn_norm', 'qk_norm', 'window_size']
     _no_split_modules = ['WanAttentionBlock']
-    # the parts computed inside fp32 islands (docs/MODEL.md#precision): their weights keep fp32
+    # the parts computed inside fp32 islands (docs/MODEL.md#precision-map): their weights keep fp32
     # under the 'matmul' dtype policy (wan/utils/dtype_policy.py); every other weight is only
     # a matmul/conv input under the compute dtype's autocast
     _keep_in_fp32_modules = ('time_embedding', 'time_projection', 'head', 'modulation',
