@@ -152,7 +152,7 @@ def test_modulation_order_and_gates():
     x = torch.randn(1, 7, d)
     e = torch.zeros(1, 7, 6, d)
     rope = model.rope_table(torch.tensor([[1, 1, 7]]), 7, x.device)
-    out = block(x, e, rope, torch.zeros(1, 512, d), None)
+    out = block(x.clone(), e, rope, torch.zeros(1, 512, d), None)
     ln = torch.nn.functional.layer_norm(x, (d,), eps=1e-6)
     # self-attn input: LN1(x) * (1 + scale_a=2) + shift_a=1
     torch.testing.assert_close(captured['attn_in'], ln * 3 + 1)
@@ -277,6 +277,37 @@ def test_block_runner_is_the_one_loop():
     # block by block: every pass through block 0, then block 1
     assert model.block_runner.calls == [0, 0, 1, 1]
     assert torch.equal(out[0][0], ref) and torch.equal(out[1][0], ref)
+
+
+def test_block_updates_an_fp32_residual_in_place_and_promotes_bf16():
+    model = tiny_model(seed=7)
+    block = model.blocks[0]
+    rope = model.rope_table(torch.tensor([[1, 2, 4]]), 8, torch.device('cpu'))
+    e, ctx = torch.randn(1, 1, 6, model.dim), torch.randn(1, 512, model.dim)
+    x = torch.randn(1, 8, model.dim)
+    want = block(x.clone(), e, rope, ctx, None)
+    out = block(x, e, rope, ctx, None)
+    assert out is x and torch.equal(out, want)  # one residual buffer
+    xb = x.bfloat16()
+    out = block(xb, e, rope, ctx, None)
+    assert out.dtype == torch.float32 and out is not xb  # block 0: an fp32 copy
+
+
+@pytest.mark.parametrize('per_sample', [True, False])
+def test_ffn_token_chunks_are_the_same_math(per_sample):
+    model = tiny_model(seed=8)
+    lat = [torch.randn(16, 3, 4, 6)]
+    ctx, t = [torch.randn(4, 32)], torch.tensor([640])
+    model.set_options(ForwardOptions(attn_dtype=torch.float32, per_sample_time=per_sample))
+    whole = model(lat, t, ctx, seq_len=18)[0]
+    calls = []
+    h = model.blocks[1].ffn.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1]))
+    model.set_options(ForwardOptions(attn_dtype=torch.float32, per_sample_time=per_sample,
+                                     ffn_chunk_tokens=7))
+    chunked = model(lat, t, ctx, seq_len=18)[0]
+    h.remove()
+    assert calls == [7, 7, 4]
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_batch_equals_single_samples():

@@ -106,7 +106,7 @@ def opt_pipe(cfg32):
 
 # toggles that change the computation on the CPU, with how to see that they took effect
 CPU_TOGGLES = [dict(batched_cfg=True), dict(per_sample_time=True), dict(fast_rope=True),
-               dict(prompt_cache=True)]
+               dict(prompt_cache=True), dict(ffn_chunk_tokens=40)]
 # toggles whose effect exists only on a GPU (kernels, compile, cuDNN, TF32, VAE layout)
 GPU_TOGGLES = [dict(attention='auto'), dict(compile=True), dict(tf32=True),
                dict(vae_cudnn_benchmark=True), dict(vae_channels_last=True)]
@@ -123,6 +123,7 @@ def _check_effects(pipe, run, opts):
     tables = {t.is_complex() for t in pipe.high_noise_model._rope_cache.values()}
     assert tables == ({False} if opts.fast_rope else {True})  # fp32 (cos, sin) vs complex128
     assert bool(pipe._prompt_cache) == opts.prompt_cache
+    assert pipe.high_noise_model.blocks[0].options.ffn_chunk_tokens == opts.ffn_chunk_tokens
 
 
 @pytest.mark.parametrize('toggles,offload_model', CASES, ids=[
@@ -163,12 +164,12 @@ def test_every_field_is_a_toggle():
     """The lists above cover every on/off toggle, conservative() turns each off, the config
     is frozen (one configuration per pipeline) and validated."""
     names = set(toggle_names())
-    assert names == {k for t in CPU_TOGGLES + GPU_TOGGLES for k in t} - {'attention'} | \
-        {'bf16_weights'}  # bf16_weights: test_bf16_config (it needs the bf16 config)
+    assert names == {k for t in CPU_TOGGLES + GPU_TOGGLES for k in t} - {
+        'attention', 'ffn_chunk_tokens'} | {'bf16_weights'}  # bf16_weights: test_bf16_config
     default, off = OptimizationConfig(), OptimizationConfig.conservative()
     assert default.vae_channels_last is True  # same math: on by default
     assert all(getattr(off, name) is False for name in names)
-    assert off.attention == 'reference'
+    assert off.attention == 'reference' and off.ffn_chunk_tokens == 0
     with pytest.raises(FrozenInstanceError):
         default.compile = False
     with pytest.raises(ValueError, match='attention must be one of'):

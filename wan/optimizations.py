@@ -12,7 +12,8 @@ each one-shot (none undoes another):
 1. module swaps      -- replace modules by faster equivalents (where fp8 linears will go);
 2. weight dtype      -- the dtype policy (wan/utils/dtype_policy.py): matmul weights in bf16;
 3. attention kernels -- the kernel resolved once per model (wan/modules/attention.py), the
-                        exact-math forward options (per-sample time embedding, fp32 RoPE);
+                        exact-math forward options (per-sample time embedding, fp32 RoPE,
+                        FFN token chunks);
 4. compile           -- torch.compile of each transformer block.
 
 A fresh WanT2VOptimized loads its experts with the same dtype policy (so pass 2 finds nothing
@@ -78,6 +79,9 @@ class OptimizationConfig:
         flags=('--compile',), off_flags=('--no-compile',))
     compile_mode: str = _toggle(
         'default', 'torch.compile mode.', flags=('--compile_mode',), choices=COMPILE_MODES)
+    ffn_chunk_tokens: int = _toggle(
+        8192, 'Run each FFN over at most this many tokens at a time (0: all at once): the '
+        'same per-token math, a fraction of its hidden activations (default 8192).')
     prompt_cache: bool = _toggle(
         True, 'Encode each prompt once per pipeline (default True).')
     vae_cudnn_benchmark: bool = _toggle(
@@ -94,6 +98,9 @@ class OptimizationConfig:
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f'compile_mode must be one of {COMPILE_MODES}, got '
                              f'{self.compile_mode!r}')
+        if self.ffn_chunk_tokens < 0:
+            raise ValueError(f'ffn_chunk_tokens must be >= 0 (0: no chunking), got '
+                             f'{self.ffn_chunk_tokens}')
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f'attention must be one of {ATTENTION_CHOICES}, got '
                              f'{self.attention!r}')
@@ -101,7 +108,8 @@ class OptimizationConfig:
     @classmethod
     def conservative(cls) -> 'OptimizationConfig':
         """Every toggle off: the reference computation inside the optimized class."""
-        return cls(**{name: False for name in toggle_names()}, attention='reference')
+        return cls(**{name: False for name in toggle_names()}, attention='reference',
+                   ffn_chunk_tokens=0)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -130,8 +138,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser, title: str = 'optimizatio
                                metavar='BOOL', help=meta['help'])
         else:
             group.add_argument(*(meta['flags'] or (f'--{f.name}',)), dest=f.name,
-                               default=value, choices=meta['choices'] or None,
-                               help=meta['help'])
+                               default=value, type=type(value),
+                               choices=meta['choices'] or None, help=meta['help'])
 
 
 def config_from_args(args: argparse.Namespace) -> OptimizationConfig:
@@ -173,7 +181,8 @@ def pass_attention(pipe: 'WanT2V', config: OptimizationConfig) -> None:
     options = ForwardOptions(
         attn_backend=pipe.attention_backend,
         attn_dtype=pipe.param_dtype if pipe.param_dtype in HALF else torch.float32,
-        per_sample_time=config.per_sample_time, fast_rope=config.fast_rope)
+        per_sample_time=config.per_sample_time, fast_rope=config.fast_rope,
+        ffn_chunk_tokens=config.ffn_chunk_tokens)
     for model in pipe.experts():
         model.set_options(options)
 

@@ -58,6 +58,10 @@ class ForwardOptions:
     fast_rope: bool = False
     # kernel for cross-attention (512 text keys) when it differs from attn_backend
     cross_attn_backend: Optional[str] = None
+    # run the FFN over at most this many tokens at a time (0: all at once). The FFN is
+    # per-token, so this is the same math; its (tokens x ffn_dim) hidden activations, the
+    # largest of a block, shrink accordingly. GEMMs of other shapes may round differently.
+    ffn_chunk_tokens: int = 0
 
 
 @contextmanager
@@ -317,6 +321,12 @@ class WanCrossAttention(WanSelfAttention):
         return self.o(x.flatten(2))
 
 
+def _rows(u: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The token rows of a per-token modulation term (B, L, dim); a per-sample one
+    (B, 1, dim) broadcasts as is."""
+    return u if u.size(1) == 1 else u[:, rows]
+
+
 class WanAttentionBlock(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, window_size=(-1, -1),
@@ -334,12 +344,17 @@ class WanAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate='tanh'),
                                  nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.options = ForwardOptions()
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, rope: torch.Tensor,
                 context: torch.Tensor, k_lens: Optional[torch.Tensor]) -> torch.Tensor:
         """x: (B, L, dim); e: (B, L or 1, 6, dim) fp32; rope: the per-token RoPE table; keys
         of self-attention trimmed to `k_lens` when given. Cross-attention sees every text
-        token (the context is zero-padded, with no mask, as upstream)."""
+        token (the context is zero-padded, with no mask, as upstream).
+
+        The residual stream belongs to the block runner: an fp32 `x` is updated in place
+        (one residual buffer instead of one per add); block 0's bf16 input is promoted to an
+        fp32 copy first, which is upstream's `x + y * gate` promotion, value for value."""
         assert e.dtype == torch.float32
         with _fp32_region(x.device):
             # (shift, scale, gate) for self-attention, then for the FFN
@@ -347,15 +362,23 @@ class WanAttentionBlock(nn.Module):
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (u.squeeze(2) for u in m)
 
         y = self.self_attn(self.norm1(x).float() * (1 + scale_a) + shift_a, rope, k_lens)
+        x = x.float()  # the fp32 residual stream from block 0 on
         with _fp32_region(x.device):
-            x = x + y * gate_a  # promotes the residual stream to fp32 from block 0 on
+            x.add_(y * gate_a)
+        del y
 
         # cross-attention: affine norm3, no modulation, no gate
-        x = x + self.cross_attn(self.norm3(x), context, None)
+        x.add_(self.cross_attn(self.norm3(x), context, None))
 
-        y = self.ffn(self.norm2(x).float() * (1 + scale_f) + shift_f)
-        with _fp32_region(x.device):
-            x = x + y * gate_f
+        # the FFN is per token: over token chunks when asked, each written back in place
+        step = self.options.ffn_chunk_tokens or x.size(1)
+        for start in range(0, x.size(1), step):
+            rows = slice(start, start + step)
+            xs = x[:, rows]
+            y = self.ffn(self.norm2(xs).float() * (1 + _rows(scale_f, rows)) +
+                         _rows(shift_f, rows))
+            with _fp32_region(x.device):
+                xs.add_(y * _rows(gate_f, rows))
         return x
 
 
@@ -458,7 +481,7 @@ class WanModel(nn.Module):
         self.options = options
         self._rope_cache: Dict[Any, torch.Tensor] = {}
         for m in self.modules():
-            if isinstance(m, WanSelfAttention):
+            if isinstance(m, (WanSelfAttention, WanAttentionBlock)):
                 m.options = options
 
     def set_sequence_parallel(self, sequence_parallel: SequenceParallel) -> None:
