@@ -20,11 +20,16 @@ def inputs(seed=0):
         [torch.randn(9, 32, generator=g)]
 
 
-def test_streaming_equals_resident_bit_for_bit_with_cfg_interleaving():
-    resident = WanModel.from_random(seed=1, **TINY)
-    streamed = WanModel.from_random(seed=1, **TINY)
-    runner = stream_blocks(streamed, 'cpu')
-    lat, t, ctx, ctx_null = inputs()
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='the side-stream copies need a GPU'))])
+def test_streaming_equals_resident_bit_for_bit_with_cfg_interleaving(device):
+    resident = WanModel.from_random(seed=1, device=device, **TINY)
+    streamed = WanModel.from_random(seed=1, device=device, **TINY)
+    runner = stream_blocks(streamed, device)
+    lat, t, ctx, ctx_null = (u.to(device) if torch.is_tensor(u) else [v.to(device) for v in u]
+                             for u in inputs())
+    if device == 'cuda':
+        assert runner._arena.pinned
     with torch.no_grad():
         cond = resident(lat, t, ctx, seq_len=8)[0]
         uncond = resident(lat, t, ctx_null, seq_len=8)[0]
