@@ -79,9 +79,12 @@ class OptimizationConfig:
         flags=('--compile',), off_flags=('--no-compile',))
     compile_mode: str = _toggle(
         'default', 'torch.compile mode.', flags=('--compile_mode',), choices=COMPILE_MODES)
+    # measured on the H200 (bench/results/h200_forward_check_a05f712.log): 8192-token chunks
+    # left the activation peak unchanged (the peak is in self-attention) and cost ~1-2% per
+    # forward, so the default is off
     ffn_chunk_tokens: int = _toggle(
-        8192, 'Run each FFN over at most this many tokens at a time (0: all at once): the '
-        'same per-token math, a fraction of its hidden activations (default 8192).')
+        0, 'Run each FFN over at most this many tokens at a time (0: all at once, the '
+        'default): the same per-token math, a fraction of its hidden activations.')
     prompt_cache: bool = _toggle(
         True, 'Encode each prompt once per pipeline (default True).')
     vae_cudnn_benchmark: bool = _toggle(
