@@ -60,6 +60,9 @@ class FlowEulerScheduler(FlowSchedulerBase):
         switch (t >= boundary * 1000) picks the same expert for both. Unlike UniPC's default
         schedule, which starts at the training table's fp32 sigma_max (0.999, timestep 999),
         the schedule starts at sigma 1 (timestep 1000), as DPM++'s get_sampling_sigmas does.
+        Sigmas are computed in float64 and rounded once to float32, as for the other two; the
+        Lightning code computes in float32, which gives the same bits for its 4-step schedule
+        and can differ in the last bit for others.
         """
         if shift is None:
             shift = self.config.shift

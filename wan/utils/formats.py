@@ -48,7 +48,8 @@ from .checkpoint import CheckpointError, iter_pth, iter_safetensors
 __all__ = [
     'Rename', 'Transform', 'NameMap', 'Renamer', 'DIT_DIFFUSERS_NAMES', 'T5_HF_NAMES',
     'VAE_DIFFUSERS_NAMES', 'COMPONENTS', 'ComponentSource', 'CheckpointLayout', 'detect_layout',
-    'fp8_transform', 'chain_transforms', 'wan_kwargs_from_diffusers_config', 'SCALE_SUFFIXES',
+    'fp8_transform', 'drop_repeated', 'chain_transforms', 'wan_kwargs_from_diffusers_config',
+    'SCALE_SUFFIXES',
 ]
 
 logger = logging.getLogger(__name__)
