@@ -457,8 +457,9 @@ class CheckpointLayout:
     t5: ComponentSource
     tokenizer: ComponentSource
     vae: ComponentSource
-    # what a Diffusers folder's model_index.json / scheduler config say (informational: the
-    # pipeline keeps this project's boundary and shift, see the lead's log message)
+    # what a Diffusers folder's model_index.json and scheduler config say; informational:
+    # the shipped scheduler config says shift 3.0 where T2V-A14B samples at 12.0, so the
+    # pipeline keeps its task config's shift, boundary and guidance and says so in its log
     boundary_ratio: Optional[float] = None
     scheduler_shift: Optional[float] = None
 
