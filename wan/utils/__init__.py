@@ -10,6 +10,7 @@ _LAZY = {
     'get_sampling_sigmas': 'fm_solvers',
     'retrieve_timesteps': 'fm_solvers',
     'FlowUniPCMultistepScheduler': 'fm_solvers_unipc',
+    'FlowEulerScheduler': 'fm_solvers_euler',
 }
 
 __all__ = list(_LAZY)
