@@ -43,7 +43,6 @@ __all__ = ['OptimizationConfig', 'COMPILE_MODES', 'PASSES', 'apply_passes', 'bac
            'is_fsdp']
 
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
-HALF = (torch.bfloat16, torch.float16)
 
 
 def _toggle(default, help: str, flags: Tuple[str, ...] = (), off_flags: Tuple[str, ...] = (),
@@ -156,14 +155,14 @@ def is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FullyShardedDataParallel)
 
 
-def weight_dtype_mode(config: OptimizationConfig, param_dtype: torch.dtype,
+def weight_dtype_mode(config: OptimizationConfig, half_precision: bool,
                       convert_model_dtype: bool) -> str:
     """The dtype policy of the experts (wan/utils/dtype_policy.py): `--convert_model_dtype`
     stores everything in the compute dtype, as upstream; else bf16_weights stores the matmul
     weights in it and keeps the fp32 islands."""
     if convert_model_dtype:
         return 'all'
-    return 'matmul' if config.bf16_weights and param_dtype in HALF else 'checkpoint'
+    return 'matmul' if config.bf16_weights and half_precision else 'checkpoint'
 
 
 def pass_module_swaps(pipe: 'WanT2V', config: OptimizationConfig) -> None:
@@ -171,7 +170,7 @@ def pass_module_swaps(pipe: 'WanT2V', config: OptimizationConfig) -> None:
 
 
 def pass_weight_dtype(pipe: 'WanT2V', config: OptimizationConfig) -> None:
-    mode = weight_dtype_mode(config, pipe.param_dtype, pipe.convert_model_dtype)
+    mode = weight_dtype_mode(config, pipe.half_precision, pipe.convert_model_dtype)
     for model in pipe.experts():
         if not is_fsdp(model):
             changed = apply_dtype_policy_(model, mode, pipe.param_dtype)
@@ -183,7 +182,7 @@ def pass_attention(pipe: 'WanT2V', config: OptimizationConfig) -> None:
     pipe.attention_backend = resolve_backend(config.attention, pipe.device)
     options = ForwardOptions(
         attn_backend=pipe.attention_backend,
-        attn_dtype=pipe.param_dtype if pipe.param_dtype in HALF else torch.float32,
+        attn_dtype=pipe.attention_dtype,
         per_sample_time=config.per_sample_time, fast_rope=config.fast_rope,
         ffn_chunk_tokens=config.ffn_chunk_tokens)
     for model in pipe.experts():

@@ -242,12 +242,21 @@ class WanT2V:
                                              dtype_rule=rule)
         return self._configure_model(model, use_sp, dit_fsdp, shard_fn, convert_model_dtype)
 
+    @property
+    def half_precision(self) -> bool:
+        """Whether the compute dtype is a half type (bf16 for every released config): the
+        denoising loop then runs under its autocast, and attention runs in it."""
+        return self.param_dtype in (torch.bfloat16, torch.float16)
+
+    @property
+    def attention_dtype(self) -> torch.dtype:
+        """The dtype q/k/v are cast to for the attention kernel: the compute dtype, or fp32
+        for an fp32 config (tests)."""
+        return self.param_dtype if self.half_precision else torch.float32
+
     def _configure_model(self, model, use_sp, dit_fsdp, shard_fn, convert_model_dtype):
         model.eval().requires_grad_(False)
-        # attention runs in the compute dtype (bf16 for every released config)
-        half = (torch.bfloat16, torch.float16)
-        model.set_options(ForwardOptions(
-            attn_dtype=self.param_dtype if self.param_dtype in half else torch.float32))
+        model.set_options(ForwardOptions(attn_dtype=self.attention_dtype))
         if use_sp:
             from .distributed.sequence_parallel import apply_sequence_parallel
             apply_sequence_parallel(model, group=self.sp_group)
@@ -310,8 +319,7 @@ class WanT2V:
         return uncond + guide_scale * (cond - uncond)
 
     def _autocast(self):
-        half = (torch.bfloat16, torch.float16)
-        if self.param_dtype not in half:
+        if not self.half_precision:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.param_dtype)
 
@@ -377,7 +385,7 @@ class WanT2V:
 
         with self.stage('text_encode'):
             context, context_null = self._encode_text([input_prompt, n_prompt], offload_model)
-        if self.param_dtype not in (torch.bfloat16, torch.float16):
+        if not self.half_precision:
             # no autocast region below (see _autocast): cast the bf16 T5 output to the compute
             # dtype here, as the reference's autocast(dtype=float32) does for text_embedding
             context, context_null = context.to(self.param_dtype), context_null.to(self.param_dtype)

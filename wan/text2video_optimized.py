@@ -98,7 +98,7 @@ class WanT2VOptimized(WanT2V):
         return new
 
     def expert_dtype_mode(self) -> str:
-        return weight_dtype_mode(self.opt, self.param_dtype, self.convert_model_dtype)
+        return weight_dtype_mode(self.opt, self.half_precision, self.convert_model_dtype)
 
     # ------------------------------------------------------------------ setup
     def _optimize(self) -> None:
@@ -181,8 +181,7 @@ class WanT2VOptimized(WanT2V):
         lat = torch.zeros(*shape, device=self.device)
         # the T5 dtype under autocast; the compute dtype otherwise (as generate() casts it)
         ctx = torch.zeros(1, self.config.get('text_dim', 4096), device=self.device,
-                          dtype=self.config.t5_dtype if self.param_dtype in (
-                              torch.bfloat16, torch.float16) else self.param_dtype)
+                          dtype=self.config.t5_dtype if self.half_precision else self.param_dtype)
         with self._autocast():
             for model, t in ((self.high_noise_model, self.num_train_timesteps - 1),
                              (self.low_noise_model, 0)):
