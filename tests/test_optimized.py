@@ -164,8 +164,10 @@ def test_every_field_is_a_toggle():
     """The lists above cover every on/off toggle, conservative() turns each off, the config
     is frozen (one configuration per pipeline) and validated."""
     names = set(toggle_names())
+    # bf16_weights: test_bf16_config (it needs the bf16 config); cfg_skip: test_cfg_skip (it
+    # needs a guide scale of 1)
     assert names == {k for t in CPU_TOGGLES + GPU_TOGGLES for k in t} - {
-        'attention', 'ffn_chunk_tokens'} | {'bf16_weights'}  # bf16_weights: test_bf16_config
+        'attention', 'ffn_chunk_tokens'} | {'bf16_weights', 'cfg_skip'}
     default, off = OptimizationConfig(), OptimizationConfig.conservative()
     assert default.vae_channels_last is True  # same math: on by default
     assert all(getattr(off, name) is False for name in names)
@@ -216,6 +218,21 @@ def test_process_wide_switches_are_scoped_to_a_call():
             assert not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+@pytest.mark.parametrize('solver', ['unipc', 'euler'])
+def test_cfg_skip_equals_two_passes(cfg32, solver):
+    """Guide scale 1.0: one conditional pass per step instead of two, the same latents to
+    fp32 rounding (upstream computes uncond + 1.0 * (cond - uncond))."""
+    kw = dict(guide_scale=(1.0, 1.0), sample_solver=solver, sampling_steps=4, shift=5.0)
+    two = Run(build_optimized(cfg32), **kw)
+    one = Run(build_optimized(cfg32, cfg_skip=True), **kw)
+    assert [n for _, n in two.calls] == [1] * 8 and [n for _, n in one.calls] == [1] * 4
+    assert rel_err(one.x0, two.x0) < 1e-6
+    # a scale other than 1 keeps both passes
+    mixed = Run(build_optimized(cfg32, cfg_skip=True), **dict(kw, guide_scale=(1.0, 3.5)))
+    experts = [e for e, _ in mixed.calls]
+    assert experts.count('high_noise_model') == 2 * experts.count('low_noise_model')
 
 
 def test_conservative_class_constructor_equals_reference(cfg32, reference):

@@ -86,6 +86,9 @@ class OptimizationConfig:
         'default): the same per-token math, a fraction of its hidden activations.')
     prompt_cache: bool = _toggle(
         True, 'Encode each prompt once per pipeline (default True).')
+    cfg_skip: bool = _toggle(
+        True, 'An expert whose guide scale is 1.0 runs only the conditional pass (upstream '
+        'computes uncond + 1.0 * (cond - uncond): cond up to fp32 rounding; default True).')
     vae_cudnn_benchmark: bool = _toggle(
         True, 'cuDNN autotuning for the VAE decode convolutions (same math; CUDA; default '
         'True).')

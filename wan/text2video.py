@@ -25,11 +25,15 @@ from .modules.t5 import T5EncoderModel
 from .modules.vae2_1 import Wan2_1_VAE
 from .utils.fm_solvers import (FlowDPMSolverMultistepScheduler, get_sampling_sigmas,
                                retrieve_timesteps)
+from .utils.fm_solvers_euler import FlowEulerScheduler
 from .utils.fm_solvers_unipc import FlowUniPCMultistepScheduler
 from .utils.dtype_policy import dtype_rule
 from .utils.timing import PipelineObserver
 
-__all__ = ['WanT2V', 'check_checkpoint_dir']
+__all__ = ['WanT2V', 'check_checkpoint_dir', 'SOLVERS']
+
+# sample_solver values: upstream's two, and flow-matching Euler
+SOLVERS = ('unipc', 'dpm++', 'euler')
 
 T5_ARCH_KEYS = {'t5_vocab_size': 'vocab_size', 't5_dim': 'dim', 't5_dim_attn': 'dim_attn',
                 't5_dim_ffn': 'dim_ffn', 't5_num_heads': 'num_heads',
@@ -337,8 +341,15 @@ class WanT2V:
                                                         shift=1, use_dynamic_shifting=False)
             sigmas = get_sampling_sigmas(sampling_steps, shift)
             timesteps, _ = retrieve_timesteps(scheduler, device=device, sigmas=sigmas)
+        elif sample_solver == 'euler':
+            # this project's addition (few-step distilled LoRAs, wan/configs/presets.py):
+            # float timesteps, see FlowEulerScheduler.set_timesteps
+            scheduler = FlowEulerScheduler(num_train_timesteps=num_train_timesteps, shift=1)
+            scheduler.set_timesteps(sampling_steps, device=device, shift=shift)
+            timesteps = scheduler.timesteps
         else:
-            raise NotImplementedError(f'unsupported solver {sample_solver!r} (unipc, dpm++)')
+            raise NotImplementedError(f'unsupported solver {sample_solver!r} (choose from '
+                                      f'{", ".join(SOLVERS)})')
         return scheduler, timesteps
 
     # ------------------------------------------------------------------ generate

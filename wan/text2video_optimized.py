@@ -324,9 +324,11 @@ class WanT2VOptimized(WanT2V):
             offload.to_device(torch.device(device))
 
     def _predict_noise(self, model, latents, t, context, context_null, seq_len, guide_scale):
+        if self.opt.cfg_skip and guide_scale == 1.0 and not self.cfg_parallel:
+            # uncond + 1.0 * (cond - uncond) is cond, up to fp32 rounding: one pass
+            return model([latents], t=torch.stack([t]), context=[context], seq_len=seq_len)[0]
         # CFG parallelism (handled by WanT2V._predict_noise) wins over batched CFG
-        if self._plan is None or not self._plan.batched_cfg or getattr(self, 'cfg_parallel',
-                                                                         False):
+        if self._plan is None or not self._plan.batched_cfg or self.cfg_parallel:
             return super()._predict_noise(model, latents, t, context, context_null, seq_len,
                                           guide_scale)
         cond, uncond = model([latents, latents], t=torch.stack([t, t]),
