@@ -522,7 +522,7 @@ def test_arena_carves_aligned_typed_views():
                          for s, d in LAYOUT.values()) + ALIGNMENT
     for order in (list(LAYOUT), list(reversed(LAYOUT))):
         arena = HostArena(nbytes)
-        assert not arena.pinned  # no CUDA here
+        assert not arena.pin() and not arena.pinned  # no CUDA here
         views = {}
         for name in order:
             shape, dtype = LAYOUT[name]
@@ -547,7 +547,7 @@ def test_arena_carves_aligned_typed_views():
 
 def test_arena_store_and_edges():
     src = torch.randn(4, 6)
-    arena = HostArena(plan_host_layout({'x': (src.shape, src.dtype)}), pin=False)
+    arena = HostArena(plan_host_layout({'x': (src.shape, src.dtype)}))
     out = arena.store(src)
     assert torch.equal(out, src) and out.data_ptr() != src.data_ptr()
     assert HostArena(0).take((0,), torch.float32).numel() == 0
@@ -587,31 +587,43 @@ def fake_cudart(monkeypatch):
 
 def test_arena_registers_once_and_unregisters_once(fake_cudart):
     arena = HostArena(4096)
-    base = arena.take((1,), torch.uint8).data_ptr()
-    assert arena.pinned
+    view = arena.take((16,), torch.float32)
+    view.fill_(3.0)  # filled first, page-locked afterwards
+    assert not arena.pinned and fake_cudart.calls == []
+    assert arena.pin() and arena.pinned and arena.pin()
     assert len(fake_cudart.calls) == 1
     op, ptr, nbytes, flags = fake_cudart.calls[0]
-    assert (op, nbytes, flags) == ('register', 4096, 0) and ptr <= base < ptr + 4096
+    assert (op, nbytes, flags) == ('register', 4096, 0) and ptr <= view.data_ptr() < ptr + 4096
     arena.close()
     arena.close()
     assert fake_cudart.calls[1:] == [('unregister', ptr)] and not arena.pinned
-    # garbage collection unregisters an arena nobody closed
+    assert not arena.pin() and len(fake_cudart.calls) == 2  # closed for good
+    early = HostArena(64)
+    early.close()
+    assert not early.pin() and len(fake_cudart.calls) == 2
+    assert (view == 3.0).all()  # the views outlive the registration
+    # garbage collection unregisters a pinned arena nobody closed
     other = HostArena(1024)
+    other.pin()
     other_ptr = fake_cudart.calls[-1][1]
     del other
     gc.collect()
     assert fake_cudart.calls[-1] == ('unregister', other_ptr)
-    # pin=False and empty arenas never register
+    # unpinned and empty arenas never register nor unregister
     n = len(fake_cudart.calls)
-    HostArena(1024, pin=False)
-    HostArena(0)
+    unpinned = HostArena(1024)
+    assert not HostArena(0).pin()
+    del unpinned
+    gc.collect()
     assert len(fake_cudart.calls) == n
 
 
 def test_arena_registration_failure_raises(fake_cudart):
     fake_cudart.fail = True
+    arena = HostArena(4096)
     with pytest.raises(RuntimeError, match='CUDA error 2'):
-        HostArena(4096)
+        arena.pin()
+    assert not arena.pinned
 
 
 def test_arena_without_a_usable_cudart(monkeypatch):
@@ -622,7 +634,7 @@ def test_arena_without_a_usable_cudart(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, 'cudart', broken)
     arena = HostArena(1024)
-    assert not arena.pinned
+    assert not arena.pin() and not arena.pinned
     arena.close()
 
 
@@ -630,8 +642,8 @@ def test_arena_without_a_usable_cudart(monkeypatch):
 def test_arena_is_page_locked_on_a_gpu():  # pragma: no cover - GPU only
     arena = HostArena(plan_host_layout({'w': ((1024, 1024), torch.bfloat16)}))
     w = arena.take((1024, 1024), torch.bfloat16)
-    assert arena.pinned and w.is_pinned()
     w.copy_(torch.randn(1024, 1024).to(torch.bfloat16))
+    assert not w.is_pinned() and arena.pin() and w.is_pinned()
     g = w.to('cuda', non_blocking=True)
     torch.cuda.synchronize()
     assert torch.equal(g.cpu(), w)
