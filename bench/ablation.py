@@ -111,8 +111,10 @@ def run_ablation(args: argparse.Namespace, argv: List[str]) -> BenchmarkResult:
                 path = _path(args, combined)
             if combined is not None:
                 combined['ablation'] = entries
-                combined['ablation_settings'] = {'fresh_process': True, 'sample_steps': steps,
-                                                 'convert_model_dtype': False, 'note': NOTE}
+                combined['ablation_settings'] = {
+                    'fresh_process': True, 'sample_steps': steps, 'convert_model_dtype': False,
+                    'note': NOTE, 'command': ' '.join([os.path.basename(sys.executable),
+                                                       *sys.argv])}
                 write_json_atomic(partial_path(path), combined)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -154,8 +154,10 @@ def table_stages(name: str) -> str:
                       f"{f(a['psnr_db'], 1)} dB, max abs diff {f(a['max_abs_diff'], 4)}, final "
                       f"latent relative error {f(a.get('latent_rel_err'), 5)}."]
     if 'agreement' not in r:
-        lines += ['Output agreement: not measured in this run (the run ended before the '
-                  'comparison; see the log next to the JSON).']
+        why = ('the run ended before the comparison; see the log next to the JSON'
+               if {'baseline', 'optimized'} <= set(r['modes']) else
+               f"the run had only the {', '.join(r['modes'])} mode")
+        lines += [f'Output agreement: not measured in this run ({why}).']
     return '\n'.join(lines)
 
 
