@@ -11,6 +11,10 @@ their measured speed at the requested size, and the memory plan the optimized pi
 would choose.
 
     python optimize_t2v.py --size 1280*720 --frame_num 81
+    python optimize_t2v.py --task t2v-tiny          # the task's defaults: 128*64, 9 frames
+
+The task must be a text-to-video task of this project, the size one the task supports and the
+frame count a positive 4n+1; anything else is refused with one `error: ...` line.
 """
 from __future__ import annotations
 
@@ -18,22 +22,25 @@ import argparse
 import json
 import logging
 import sys
+from typing import Optional
 
 from wan.text2video_optimized import OptimizationConfig, optimize_pipeline
 
 __all__ = ['optimize_pipeline', 'OptimizationConfig', 'report']
 
 
-def report(task: str = 't2v-A14B', size: str = '1280*720', frame_num: int = 81,
-           time_kernels: bool = True) -> dict:
-    """What this machine supports for `task` at `size` (dict, also logged)."""
+def report(task: str = 't2v-A14B', size: Optional[str] = None,
+           frame_num: Optional[int] = None, time_kernels: bool = True) -> dict:
+    """What this machine supports for `task` at `size` x `frame_num` (default: the task's);
+    ValueError (bench.checks.RequestError) for a task, size or frame count that cannot run."""
     import torch
 
-    from wan.configs import SIZE_CONFIGS, WAN_CONFIGS
+    from bench.checks import check_request
+    from wan.configs import SIZE_CONFIGS
     from wan.modules.attention import available_backends, resolve_backend
     from wan.utils.memory_plan import plan_memory, tokens_for
 
-    cfg = WAN_CONFIGS[task]
+    cfg, size, frame_num = check_request(task, size, frame_num)
     wh = SIZE_CONFIGS[size]
     tokens = tokens_for(wh, frame_num, cfg.vae_stride, cfg.patch_size)
     out = {'task': task, 'size': size, 'frame_num': frame_num, 'tokens': tokens,
@@ -53,7 +60,7 @@ def report(task: str = 't2v-A14B', size: str = '1280*720', frame_num: int = 81,
                        want_batched_cfg=OptimizationConfig().batched_cfg)
     out['memory_plan'] = plan.describe()
     if time_kernels:
-        from benchmark_t2v import measure_ceilings
+        from bench.ceilings import measure_ceilings
         out['ceilings'] = measure_ceilings(cfg, tokens, torch.device('cuda'))
     return out
 
@@ -61,18 +68,19 @@ def report(task: str = 't2v-A14B', size: str = '1280*720', frame_num: int = 81,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description='Report GPU, attention kernels and memory plan.')
     p.add_argument('--task', default='t2v-A14B')
-    p.add_argument('--size', default='1280*720')
-    p.add_argument('--frame_num', type=int, default=81)
+    p.add_argument('--size', default=None, help="W*H (default: the task's)")
+    p.add_argument('--frame_num', type=int, default=None, help="4n+1 (default: the task's)")
     p.add_argument('--no-time', dest='time_kernels', action='store_false',
                    help='skip timing the attention kernels and the GEMM rate')
     p.add_argument('--json', action='store_true', help='print JSON instead of text')
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format='[%(asctime)s] %(levelname)s: %(message)s')
-    from wan.configs import SIZE_CONFIGS, WAN_CONFIGS
-    if args.task not in WAN_CONFIGS or args.size not in SIZE_CONFIGS:
-        p.error(f'unknown task or size; tasks {list(WAN_CONFIGS)}, sizes {list(SIZE_CONFIGS)}')
-    out = report(args.task, args.size, args.frame_num, args.time_kernels)
+    from bench.checks import RequestError
+    try:
+        out = report(args.task, args.size, args.frame_num, args.time_kernels)
+    except RequestError as exc:
+        raise SystemExit(f'error: {exc}')
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0

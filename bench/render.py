@@ -6,7 +6,8 @@
 Each table sits between `<!-- BEGIN name -->` and `<!-- END name -->` markers; everything
 else in the documents is prose. Every number in a table comes from a results file written by
 benchmark_t2v.py on the GPU; derived numbers (speed-ups, 40-step projections, ratios) are
-recomputed here with benchmark_t2v.derive from the measured ones.
+recomputed here with bench.schema.derive from the measured ones, and every verdict (target
+met or missed, claim reproduced or not) is computed from them against bench.targets.TARGETS.
 """
 from __future__ import annotations
 
@@ -14,11 +15,16 @@ import argparse
 import json
 import os
 import re
-import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.ceilings import GEMM_SIZE  # noqa: E402
+from bench.schema import derive, derive_scaling, median  # noqa: E402
+from bench.targets import claim_verdict, target, verdict  # noqa: E402
+
 RESULTS = os.path.join(ROOT, 'bench', 'results')
 
 # the runs the documents quote
@@ -37,12 +43,15 @@ RUNS = {
     'vae_h100': 'h100_vae_check_720p81f_8d710fc.json',
     'vae_h200': 'h200_vae_check_720p21f_8d710fc.json',
 }
+# the runs of the ablation table, in order
+ABLATION_RUNS = ('ablation_batched', '480p_default', 'ablation')
+# the runs the targets are judged on: RUNS key -> size tag of bench.targets.TARGETS
+TARGET_RUNS = {'480p': '480p', '720p': '720p'}
 DOCS = ('OPTIMIZATION_SUMMARY.md', 'OPTIMIZATION_ANALYSIS.md', 'OPTIMIZATION_GUIDE.md',
         'README.md')
 
 
 def load(name: str) -> dict:
-    from benchmark_t2v import derive
     with open(os.path.join(RESULTS, RUNS[name])) as f:
         return derive(json.load(f))
 
@@ -55,12 +64,7 @@ def load_raw(name: str) -> dict:
 def load_scaling(name: str, one_gpu_step_seconds=None) -> dict:
     """A --scaling results file with every run and the scaling rows re-derived (against
     `one_gpu_step_seconds` when the file has no one-GPU run)."""
-    from benchmark_t2v import derive, derive_scaling
-    data = load_raw(name)
-    for run in data['runs']:
-        if run.get('result'):
-            derive(run['result'])
-    return derive_scaling(data, one_gpu_step_seconds)
+    return derive_scaling(load_raw(name), one_gpu_step_seconds)
 
 
 def f(x, nd=2, unit=''):
@@ -71,8 +75,16 @@ def f(x, nd=2, unit=''):
     return f'{x:.{nd}f}{unit}'
 
 
-def med(xs):
-    return statistics.median(xs) if xs else None
+med = median
+
+
+def weights(r: dict) -> str:
+    """What the run's weights were, from its settings."""
+    st = r.get('settings', {})
+    if st.get('ckpt_dir'):
+        return 'checkpoint weights'
+    return 'random bf16 weights' if st.get('convert_model_dtype', True) else \
+        'random weights stored in fp32'
 
 
 def commit_of(name: str) -> str:
@@ -90,7 +102,7 @@ def source(r: dict, name: str) -> str:
     return (f"Source: `bench/results/{RUNS[name]}` — {e['gpu']}, torch {e['torch']}, "
             f"{r['size']} × {r['frame_num']} frames (L = {r['tokens']:,}), "
             f"{r['sample_steps']} measured steps split between the experts (boundary "
-            f"{r['boundary_used']:.3f}), random bf16 weights, commit {commit_of(name)}, "
+            f"{r['boundary_used']:.3f}), {weights(r)}, commit {commit_of(name)}, "
             f"command `{e['command'].replace('/root/out/', '')}`.")
 
 
@@ -142,8 +154,10 @@ def table_stages(name: str) -> str:
                       f"{f(a['psnr_db'], 1)} dB, max abs diff {f(a['max_abs_diff'], 4)}, final "
                       f"latent relative error {f(a.get('latent_rel_err'), 5)}."]
     if 'agreement' not in r:
-        lines += ['Output agreement: not measured in this run (the run ended before the '
-                  'comparison; see the log next to the JSON).']
+        why = ('the run ended before the comparison; see the log next to the JSON'
+               if {'baseline', 'optimized'} <= set(r['modes']) else
+               f"the run had only the {', '.join(r['modes'])} mode")
+        lines += [f'Output agreement: not measured in this run ({why}).']
     return '\n'.join(lines)
 
 
@@ -190,89 +204,116 @@ def table_profile() -> str:
 
 
 def table_ablation() -> str:
-    lines = ['| run | configuration | DiT step, high-noise (s) | DiT step, low-noise (s) | '
-             'peak GPU (GiB) |', '|---|---|---|---|---|']
-    for name in ('ablation_batched', '480p_default', 'ablation'):
+    lines = ['| run | configuration | processes | DiT step, high-noise (s) | DiT step, low-noise '
+             '(s) | peak GPU (GiB) |', '|---|---|---|---|---|---|']
+    for name in ABLATION_RUNS:
         r = load(name)
+        fresh = (r.get('ablation_settings') or {}).get('fresh_process', False)
+        processes = 'one per configuration' if fresh else 'one for all'
         for key, a in (r.get('ablation') or {}).items():
+            label = "the run's own toggles" if key == 'none' else \
+                f"`{key}` {'on' if a.get('flipped_to') else 'off'}"
             if 'error' in a:
-                lines.append(f"| `{RUNS[name]}` | `{key}` off | {a['error']} | | |")
+                lines.append(f"| `{RUNS[name]}` | {label} | {processes} | {a['error']} | | |")
                 continue
-            label = 'all defaults of that commit' if key == 'none' else f'`{key}` off'
-            if key == 'batched_cfg':
-                label = '`batched_cfg` off (two batch-1 passes)'
             lines.append(f"| `{RUNS[name]}` | {label} (batched CFG "
-                         f"{'on' if a['toggles'].get('batched_cfg') else 'off'}) | "
+                         f"{'on' if a['toggles'].get('batched_cfg') else 'off'}) | {processes} | "
                          f"{f(a['steps']['high']['median_seconds'])} | "
                          f"{f(a['steps']['low']['median_seconds'])} | "
                          f"{f(a['peak_gpu_gib'], 1)} |")
     return '\n'.join(lines)
 
 
+def slower_step(r: dict, mode: str = 'optimized'):
+    s = r['modes'][mode]['steps']
+    xs = [s[e]['median_seconds'] for e in ('high', 'low') if s[e]['median_seconds']]
+    return max(xs) if xs else None
+
+
+def floor_40_steps(r: dict):
+    """The floor of 40 denoising steps (two forwards each), DiT only."""
+    floor = r.get('floor_per_forward')
+    return 2 * floor['seconds'] * 40 if floor else None
+
+
 def table_claims() -> str:
     r7 = load('720p')
     o, b = r7['modes']['optimized'], r7['modes']['baseline']
     sp = r7['speedup']
+    floor = floor_40_steps(r7)
+    tb, to, ts = (target(n, '720p') for n in ('claim_reference_seconds', 'claim_optimized_seconds',
+                                              'claim_speedup'))
+    pb, po = b['projected_40_step_seconds'], o['projected_40_step_seconds']
     return '\n'.join([
-        '| seed claim | measured here (H100 80GB, 1280*720, 81 frames, 40 steps) | verdict |',
+        f"| seed claim | measured here ({r7['env']['gpu']}, {r7['size']}, {r7['frame_num']} "
+        f"frames, 40 steps) | verdict |",
         '|---|---|---|',
-        f"| reference takes ~300 s | reference path projected "
-        f"{f(b['projected_40_step_seconds'], 0)} s (DiT step {f(b['steps']['high']['median_seconds'], 1)} s × 40, "
-        f"plus T5, swaps, VAE) | wrong: 300 s is below even the floor |",
-        f"| optimized takes ~90 s | optimized path projected "
-        f"{f(o['projected_40_step_seconds'], 0)} s | ruled out by physics: the floor alone is "
-        f"{f(2 * r7['floor_per_forward']['seconds'] * 40, 0)} s for 40 steps |",
-        f"| 3.3× faster | {f(sp['projected_40_step'])}× projected end to end, "
-        f"{f(sp['step_high'])}× per DiT step | not reproduced; about 2× |",
+        f"| {tb.meaning}: ~{tb.value:.0f}{tb.unit} | reference path projected {f(pb, 0)} s (DiT "
+        f"step {f(slower_step(r7, 'baseline'), 1)} s × 40, plus T5, swaps, VAE) | "
+        f"{claim_verdict(tb, pb, tb.value, floor)} |",
+        f"| {to.meaning}: ~{to.value:.0f}{to.unit} | optimized path projected {f(po, 0)} s | "
+        f"{claim_verdict(to, po, to.value, floor)} |",
+        f"| {ts.meaning}: {ts.value}{ts.unit} | {f(sp['projected_40_step'])}× projected end to "
+        f"end, {f(sp['step_high'])}× per DiT step | "
+        f"{claim_verdict(ts, sp['projected_40_step'], pb / ts.value if pb else None, floor)} |",
+        '', f"Floor of 40 steps (DiT only, measured in the same run): {f(floor, 0)} s. "
+            f"Source: `bench/results/{RUNS['720p']}`.",
     ])
 
 
 def table_targets() -> str:
-    rows = ['| target (PERFORMANCE.md, 1 x H100 80GB, 81 frames, bf16) | 832*480 | 1280*720 |',
-            '|---|---|---|']
-    r4, r7 = load('480p'), load('720p')
+    runs = {tag: load(name) for name, tag in TARGET_RUNS.items()}
+    first = next(iter(runs.values()))
+    sizes = ' | '.join(r['size'] for r in runs.values())
+    rows = [f"| target ({first['env']['gpu']}, {first['frame_num']} frames, {weights(first)}) "
+            f"| {sizes} |", '|---' * (len(runs) + 1) + '|']
 
-    def ok(v, good):
-        return 'n/m' if v is None else f"{v} ({'met' if good else 'missed'})"
+    def lesser(sp):
+        xs = [sp[k] for k in ('step_high', 'step_low') if sp and sp.get(k)]
+        return min(xs) if xs else None
 
-    def cell(r, what):
-        o = r['modes']['optimized']
-        if what == 'floor':
-            x = max(o['steps'][e].get('ratio_to_floor') or 0 for e in ('high', 'low'))
-            return ok(f'{x:.3f} x floor', x <= 1.10)
-        if what == 'speedup':
-            x = min(r['speedup']['step_high'], r['speedup']['step_low'])
-            return ok(f'{x:.2f}x', x >= 1.5)
-        if what == 'same_kernel':
-            sk = r.get('speedup_same_kernel')
-            if not sk:
-                return 'n/m (not in this run)'
-            x = min(sk['step_high'], sk['step_low'])
-            return ok(f'{x:.2f}x', x >= 1.25)
-        if what == 'e2e':
-            x = o['projected_40_step_seconds']
-            return ok(f'{x:.0f} s (projected)', x <= (230 if r is r4 else 900))
-        if what == 'step':
-            x = max(o['steps'][e]['median_seconds'] for e in ('high', 'low'))
-            return ok(f'{x:.2f} s', x <= (5.0 if r is r4 else 20.4))
-        if what == 'peak':
-            x = o['peak_gpu_gib']
-            return ok(f'{x:.1f} GiB, both experts resident, no swaps', x <= 78)
-        if what == 'psnr':
-            a = r.get('agreement')
-            return ok(f"{a['psnr_db']:.1f} dB", a['psnr_db'] >= 40) if a else \
-                'n/m (run ended before the comparison)'
-    for label, what in [('DiT step <= floor x 1.10 (floor measured in the same run)', 'floor'),
-                        ('DiT step time (<= 5.0 s / <= 20.4 s)', 'step'),
-                        ('speed-up per step vs reference path >= 1.5x', 'speedup'),
-                        ('speed-up vs reference path with the same kernel >= 1.25x',
-                         'same_kernel'),
-                        ('end-to-end 40 steps (<= 230 s / <= 900 s), load excluded', 'e2e'),
-                        ('peak GPU memory <= 78 GiB', 'peak'),
-                        ('decoded video PSNR vs reference >= 40 dB', 'psnr')]:
-        rows.append(f'| {label} | {cell(r4, what)} | {cell(r7, what)} |')
-    rows += ['', f"From `bench/results/{RUNS['480p']}` and `bench/results/{RUNS['720p']}`; "
-                 'n/m = not measured.']
+    def ratio(r):
+        s = r['modes']['optimized']['steps']
+        xs = [s[e].get('ratio_to_floor') for e in ('high', 'low') if s[e].get('ratio_to_floor')]
+        return max(xs) if xs else None
+
+    def psnr(r):
+        return (r.get('agreement') or {}).get('psnr_db')
+
+    def peak_note(r):
+        plan = r['modes']['optimized'].get('memory_plan') or {}
+        return 'both experts resident' if plan.get('experts_resident') else 'experts swapped'
+
+    # name in TARGETS -> (measured value, number format, note after the value)
+    measures = {
+        'step_over_floor': (ratio, 3, None),
+        'step_seconds': (slower_step, 2, None),
+        'speedup_vs_reference': (lambda r: lesser(r.get('speedup')), 2, None),
+        'speedup_same_kernel': (lambda r: lesser(r.get('speedup_same_kernel')), 2, None),
+        'end_to_end_seconds': (lambda r: r['modes']['optimized']['projected_40_step_seconds'],
+                               0, 'projected'),
+        'peak_gpu_gib': (lambda r: r['modes']['optimized']['peak_gpu_gib'], 1, peak_note),
+        'psnr_vs_reference_db': (psnr, 1, None),
+    }
+    for name, (measure, nd, note) in measures.items():
+        ts = {tag: target(name, tag) for tag in runs}
+        t0 = next(iter(ts.values()))
+        op = '≤' if t0.kind == 'at most' else '≥'
+        bounds = {f'{t.value:g}{t.unit}' for t in ts.values()}
+        label = t0.meaning + (f' {op} {bounds.pop()}' if len(bounds) == 1 else ' (' + ' / '.join(
+            f'{op} {t.value:g}{t.unit}' for t in ts.values()) + ')')
+        cells = []
+        for tag, r in runs.items():
+            x = measure(r)
+            if x is None:
+                cells.append('n/m')
+                continue
+            extra = note(r) if callable(note) else note
+            cells.append(f'{f(x, nd)}{ts[tag].unit}' + (f', {extra}' if extra else '') +
+                         f' ({verdict(ts[tag], x)})')
+        rows.append(f"| {label} | {' | '.join(cells)} |")
+    rows += ['', 'From ' + ' and '.join(f'`bench/results/{RUNS[n]}`' for n in TARGET_RUNS)
+             + '; n/m = not measured; targets from `bench/targets.py`.']
     return '\n'.join(rows)
 
 
@@ -313,6 +354,9 @@ def table_key_figures() -> str:
             else 'n/m'
 
     floor = {n: load(n)['floor_per_forward'] for n in ('480p', '720p_profile')}
+    kernels = ' / '.join(dict.fromkeys(fl['attention_kernel'].upper() for fl in floor.values()))
+    from wan.configs import WAN_CONFIGS
+    layers = WAN_CONFIGS[r4['task']].num_layers
 
     def vae(r, mode):  # the VAE alone where recorded, else the decode stage
         m = r['modes'][mode]
@@ -335,10 +379,12 @@ def table_key_figures() -> str:
         '| (E) VAE decode, reference → optimized (autotuning at warm-up, channels-last, '
         'one-buffer padding) | ' + ' | '.join(
             pair(vae(r, 'baseline'), vae(r, 'optimized')) for r in (r4, r7)) + ' |',
-        '| (F) per forward: attention in the optimized profile vs 40 x standalone FA3 | '
+        f'| (F) per forward: attention in the optimized profile vs {layers} x standalone '
+        f'{kernels} | '
         + ' | '.join(pair(floor[n]['attention_seconds'], prof(n, 'optimized', 'attention'))
                      for n in ('480p', '720p_profile')) + ' |',
-        '| (G) per forward: GEMMs in the optimized profile vs GEMM FLOPs at the 8192³ rate | '
+        f'| (G) per forward: GEMMs in the optimized profile vs GEMM FLOPs at the {GEMM_SIZE}³ '
+        'rate | '
         + ' | '.join(pair(floor[n]['gemm_seconds'], prof(n, 'optimized', 'gemm'))
                      for n in ('480p', '720p_profile')) + ' |',
         '| (H) optimized DiT step / floor step | ' + ' | '.join(
@@ -386,8 +432,10 @@ def table_scaling() -> str:
     rows = ['| GPUs | layout | DiT step high / low (s) | speed-up vs 1 GPU | scaling efficiency '
             '| step / (floor / GPUs) | 40-step total, projected (s) | peak per GPU (GiB) | '
             'source |', '|---|---|---|---|---|---|---|---|---|']
+    gpus = 1
     for name in ('scaling', 'scaling_cfg'):
         rows_of_file = load_scaling(name, one['step_seconds'])['scaling']
+        gpus = max([gpus] + [r['nproc'] for r in rows_of_file])
         for r in sorted(rows_of_file, key=lambda r: (r['nproc'], r['cfg_parallel'])):
             if 'error' in r:
                 rows.append(f"| {r['nproc']} | {r['error']} | | | | | | | `{RUNS[name]}` |")
@@ -401,15 +449,20 @@ def table_scaling() -> str:
                         f"{f(r['projected_40_step_seconds'], 0)} | {f(max(peaks), 1)} | "
                         f"`{RUNS[name]}` |")
     e = one
-    rows += ['', f"{e['gpu']} × 4 (NVLink, NV18 between every pair), torch {e['torch']}, "
-                 f"{e['size']} × {e['frame_num']} frames, `WanT2VOptimized` defaults (FA3, "
-                 f"compiled blocks) under torchrun, {e['sample_steps']} measured steps per run "
-                 f"after a warm-up, random bf16 weights, commit {commit_of('scaling')}; each "
-                 f"row one torchrun launched by "
+    first = runs['runs'][0]['result']
+    split = e['projection_split_40']
+    toggles = first['modes'].get('optimized', {}).get('toggles') or {}
+    rows += ['', f"{e['gpu']} × {gpus} (NVLink, NV18 between every pair), torch {e['torch']}, "
+                 f"{e['size']} × {e['frame_num']} frames, `WanT2VOptimized` "
+                 f"({e['attention_backend'] or 'n/m'} attention"
+                 + (', compiled blocks' if toggles.get('compile') else '') + ") under torchrun, "
+                 f"{e['sample_steps']} measured steps per run after a warm-up, {weights(first)}, "
+                 f"commit {commit_of('scaling')}; each row one torchrun launched by "
                  f"`benchmark_t2v.py --scaling` (commands in the JSON). Step = the 40-step mix "
-                 f"of the two experts' medians (26 high-noise, 14 low-noise); efficiency = "
-                 f"speed-up / GPUs against the one-GPU row of `{RUNS['scaling']}`; the 40-step "
-                 f"totals are projected from measured stages (T5, steps, VAE decode on rank 0)."]
+                 f"of the two experts' medians ({split['high']} high-noise, {split['low']} "
+                 f"low-noise); efficiency = speed-up / GPUs against the one-GPU row of "
+                 f"`{RUNS['scaling']}`; the 40-step totals are projected from measured stages "
+                 f"(T5, steps, VAE decode on rank 0)."]
     return '\n'.join(rows)
 
 

@@ -3,7 +3,9 @@
     python bench/vae_check.py --size 1280*720 --latent_frames 6 --output vae.json
 
 Random VAE weights and a random latent; cuDNN autotuning on for both layouts; one untimed
-decode per layout first. Exits 1 if the layouts disagree (PSNR <= 40 dB, the video tolerance of the optimized path).
+decode per layout first; times from the shared `wan.utils.timing.Timer` (CUDA events). Exits 1
+if the layouts disagree (PSNR below the optimized path's video tolerance,
+`bench.targets.TARGETS['psnr_vs_reference_db']`).
 """
 import argparse
 import json
@@ -14,9 +16,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmark_t2v import psnr  # noqa: E402
+from bench.schema import psnr, write_json_atomic  # noqa: E402
+from bench.targets import TARGETS  # noqa: E402
 from wan.configs import SIZE_CONFIGS  # noqa: E402
 from wan.modules.vae2_1 import Wan2_1_VAE  # noqa: E402
+from wan.utils.timing import Timer  # noqa: E402
 
 
 def main() -> int:
@@ -36,18 +40,13 @@ def main() -> int:
            'size': args.size, 'latent_frames': args.latent_frames, 'frames':
            1 + 4 * (args.latent_frames - 1), 'seconds': {}}
     videos = {}
+    timer = Timer('cuda')
     for layout in ('default', 'channels_last'):
         vae.set_channels_last(layout == 'channels_last')
-        times = []
+        untimed, times = [], []
         for i in range(args.reps + 1):
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            video = vae.decode([z])[0]
-            end.record()
-            torch.cuda.synchronize()
-            if i:
-                times.append(start.elapsed_time(end) / 1000)
+            with timer(times if i else untimed):  # the first decode autotunes
+                video = vae.decode([z])[0]
         out['seconds'][layout] = statistics.median(times)
         videos[layout] = video.float().cpu()
         del video
@@ -58,9 +57,8 @@ def main() -> int:
     out['speedup'] = out['seconds']['default'] / out['seconds']['channels_last']
     print(json.dumps(out, indent=1), flush=True)
     if args.output:
-        with open(args.output, 'w') as f:
-            json.dump(out, f, indent=2)
-    return 0 if out['psnr_db'] > 40 else 1
+        write_json_atomic(args.output, out)
+    return 0 if out['psnr_db'] >= TARGETS['psnr_vs_reference_db'].value else 1
 
 
 if __name__ == '__main__':

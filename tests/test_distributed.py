@@ -604,6 +604,8 @@ def test_ulysses_with_compiled_blocks(tmp_path):
 
 
 # ------------------------------------------------------------------------------- benchmark
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.skipif(not os.path.exists(TORCHRUN), reason='torchrun not installed')
 def test_benchmark_scaling_launcher(tmp_path):
     """benchmark_t2v.py --scaling 1 2 2c: one torchrun per entry (1 process, Ulysses over 2,
@@ -632,6 +634,6 @@ def test_benchmark_scaling_launcher(tmp_path):
 
 
 def test_benchmark_refuses_a_layout_that_does_not_fill_the_world():
-    import benchmark_t2v
-    with pytest.raises(SystemExit, match='cannot run ulysses_size 2'):
-        benchmark_t2v.main(['--task', 't2v-tiny', '--ulysses_size', '2'])
+    from bench.cli import main
+    with pytest.raises(SystemExit, match='^error: 1 process.*cannot run ulysses_size 2'):
+        main(['--task', 't2v-tiny', '--ulysses_size', '2'])

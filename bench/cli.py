@@ -1,0 +1,127 @@
+"""The flags of `benchmark_t2v.py` and its `main` (usage in that file's docstring)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from wan.text2video_optimized import OptimizationConfig
+
+from .checks import RequestError, check_device_holds, check_request
+from .children import EXIT_OUT_OF_MEMORY
+from .runs import toggle_names
+
+__all__ = ['parse_args', 'complete_args', 'main']
+
+DESCRIPTION = ('Benchmark the reference path (WanT2V) against the optimized one '
+               '(WanT2VOptimized).')
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    # no abbreviations: the launchers rewrite command lines by full option names
+    p = argparse.ArgumentParser(prog='benchmark_t2v.py', description=DESCRIPTION,
+                                allow_abbrev=False)
+    p.add_argument('--mode', choices=['baseline', 'optimized', 'both'], default='both')
+    p.add_argument('--task', default='t2v-A14B')
+    p.add_argument('--size', default=None, help="W*H (default: the task's, 1280*720; "
+                                                "t2v-tiny: 128*64)")
+    p.add_argument('--frame_num', type=int, default=None, help="4n+1 (default: the task's)")
+    p.add_argument('--sample_steps', type=int, default=4)
+    p.add_argument('--sample_shift', type=float, default=None)
+    p.add_argument('--sample_solver', default='unipc', choices=['unipc', 'dpm++'])
+    p.add_argument('--boundary', default='auto',
+                   help="'auto' splits the steps evenly between the experts; 'config' keeps "
+                        "the config's boundary; or a number in (0, 1)")
+    p.add_argument('--warmup', type=int, default=0, help='steps per expert excluded from '
+                                                         'the medians')
+    p.add_argument('--num_runs', type=int, default=1)
+    p.add_argument('--ckpt_dir', default=None, help='real weights (default: --random_init)')
+    p.add_argument('--random_init', action='store_true', default=False)
+    p.add_argument('--prompt', default='A red fox trots through fresh snow at dawn, cinematic.')
+    p.add_argument('--seed', type=int, default=42)
+    p.add_argument('--convert_model_dtype', dest='convert_model_dtype', action='store_true',
+                   default=True, help='bf16 experts in both modes (default; the reference '
+                                      'README setting for 80 GB GPUs)')
+    p.add_argument('--no-convert_model_dtype', dest='convert_model_dtype', action='store_false')
+    p.add_argument('--baseline_attention', default='reference',
+                   help="the reference path's kernel ('reference': what upstream would use)")
+    p.add_argument('--same_kernel_baseline', action='store_true', default=False,
+                   help='also time the reference path with the optimized kernel')
+    # optimized mode: OptimizationConfig's fields
+    p.add_argument('--attention', default='auto')
+    p.add_argument('--compile_mode', default='default')
+    defaults = OptimizationConfig()
+    for t in toggle_names():
+        p.add_argument(f'--no-{t}', dest=t, action='store_false', default=getattr(defaults, t))
+        p.add_argument(f'--{t}', dest=t, action='store_true',
+                       help=f'optimization toggle (default {getattr(defaults, t)})')
+    p.add_argument('--ablate', nargs='*', default=None, metavar='TOGGLE',
+                   help='flip each listed toggle in turn (default: every toggle that is on), '
+                        'each configuration in a fresh process; see bench/ablation.py')
+    p.add_argument('--ablate_steps', type=int, default=None,
+                   help='denoising steps of each ablation run (default: --sample_steps)')
+    p.add_argument('--profile', action='store_true', help='torch.profiler breakdown of one '
+                                                          'forward per mode')
+    # multi-GPU (under torchrun), as generate.py
+    p.add_argument('--ulysses_size', type=int, default=None,
+                   help='Ulysses degree (default under torchrun: every rank, halved with '
+                        '--cfg_parallel)')
+    p.add_argument('--cfg_parallel', action='store_true', default=False)
+    p.add_argument('--dit_fsdp', action='store_true', default=False)
+    p.add_argument('--t5_fsdp', action='store_true', default=False)
+    p.add_argument('--scaling', nargs='+', default=None, metavar='N',
+                   help="launch one torchrun per entry (N GPUs, Ulysses over all; 'Nc': CFG "
+                        "parallel x Ulysses N/2) and compare per-step times with N=1")
+    p.add_argument('--output', default=None, help='JSON path')
+    p.add_argument('--save_results', action='store_true',
+                   help='write JSON under bench/results/ (default name from GPU and size)')
+    return p.parse_args(argv)
+
+
+def complete_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the task's defaults and refuse what cannot run here, before anything is built."""
+    import torch
+    cfg, args.size, args.frame_num = check_request(args.task, args.size, args.frame_num)
+    args.sample_shift = args.sample_shift or cfg.sample_shift
+    args.guide_scale = cfg.sample_guide_scale
+    if args.sample_steps < 1:
+        raise RequestError(f'--sample_steps must be >= 1, got {args.sample_steps}')
+    if args.ablate_steps is not None and args.ablate_steps < 1:
+        raise RequestError(f'--ablate_steps must be >= 1, got {args.ablate_steps}')
+    if args.boundary not in ('auto', 'config'):
+        try:
+            ok = 0 < float(args.boundary) < 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise RequestError(f"--boundary must be 'auto', 'config' or a number in (0, 1), "
+                               f"got {args.boundary!r}")
+    if args.scaling and args.ablate is not None:
+        raise RequestError('--scaling and --ablate are separate runs: give one of them')
+    if args.ckpt_dir is None:
+        args.random_init = True
+    check_device_holds(args.task, cfg, torch.device('cuda' if torch.cuda.is_available()
+                                                    else 'cpu'))
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    """Run the benchmark the command line asks for; its result (also written as asked)."""
+    import torch
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        complete_args(args)
+        if args.scaling:
+            from .scaling import run_scaling
+            return run_scaling(args, argv)
+        if args.ablate is not None:
+            from .ablation import run_ablation
+            return run_ablation(args, argv)
+        from .runs import run_benchmark
+        return run_benchmark(args)
+    except RequestError as exc:
+        raise SystemExit(f'error: {exc}')
+    except torch.cuda.OutOfMemoryError as exc:
+        print(f'error: out of GPU memory: {str(exc).splitlines()[0]}', file=sys.stderr)
+        raise SystemExit(EXIT_OUT_OF_MEMORY)
