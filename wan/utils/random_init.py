@@ -26,38 +26,43 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
 def init_random_weights_(module: nn.Module, seed: int, device: torch.device | str = 'cpu',
                          dtype: Optional[torch.dtype] = None,
                          dtype_rule: Optional[Callable[[str, torch.Tensor],
-                                                       torch.dtype]] = None) -> nn.Module:
+                                                       torch.dtype]] = None,
+                         place: Optional[Callable[[str, torch.Tensor],
+                                                  torch.Tensor]] = None) -> nn.Module:
     """Materialise `module` on `device` (from meta if needed) and fill it deterministically.
 
-    Each tensor is created directly in its final dtype: `dtype` for every floating tensor, or
-    `dtype_rule(name, tensor)` per tensor (wan/utils/dtype_policy.py), else as built.
+    Tensor by tensor, in state-dict order: each is created directly in its final dtype
+    (`dtype` for every floating tensor, or `dtype_rule(name, tensor)` per tensor, see
+    wan/utils/dtype_policy.py; else as built), filled on `device`, then handed to
+    `place(name, tensor)` when given (which returns where it lives, e.g. page-locked host
+    memory), so at most one tensor beyond the placed ones exists on `device` at a time.
     Rules by name: norm scales ('norm', 'gamma') are ones; 'modulation' tables are
     randn/sqrt(dim); other tensors with >= 2 dims are normal(0, 1/sqrt(fan_in)); 1-D biases
     are normal(0, 0.02). Values are drawn in fp32 in state-dict order, so the same seed and
-    device give the same weights whatever the storage dtypes (up to their rounding).
+    device give the same weights whatever the storage dtypes and placement (up to rounding).
     """
     device = torch.device(device)
     if dtype is not None and dtype_rule is None:
         dtype_rule = (lambda name, t: dtype if t.is_floating_point() else t.dtype)  # noqa: E731
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        target = dtype_rule(name, t) if dtype_rule is not None else t.dtype
-        if t.is_meta or t.device != device or t.dtype != target:
-            _replace(module, name, torch.empty(t.shape, dtype=target, device=device)
-                     if t.is_meta else t.to(device=device, dtype=target))
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     for name, t in module.state_dict(keep_vars=True).items():
-        if not t.is_floating_point():
-            continue
-        owner, _, leaf = name.rpartition('.')
-        if leaf == 'gamma' or (leaf == 'weight' and owner.rpartition('.')[2].startswith('norm')):
-            t.fill_(1.0)
-        elif leaf == 'modulation':
-            _normal_(t, 1.0 / math.sqrt(t.shape[-1]), gen)
-        elif t.dim() >= 2:
-            _normal_(t, 1.0 / math.sqrt(max(1, t[0].numel())), gen)
-        else:
-            _normal_(t, 0.02, gen)
+        target = dtype_rule(name, t) if dtype_rule is not None else t.dtype
+        if t.is_meta or t.device != device or t.dtype != target:
+            t = torch.empty(t.shape, dtype=target, device=device) if t.is_meta else \
+                t.to(device=device, dtype=target)
+        if t.is_floating_point():
+            owner, _, leaf = name.rpartition('.')
+            if leaf == 'gamma' or (leaf == 'weight' and
+                                   owner.rpartition('.')[2].startswith('norm')):
+                t.fill_(1.0)
+            elif leaf == 'modulation':
+                _normal_(t, 1.0 / math.sqrt(t.shape[-1]), gen)
+            elif t.dim() >= 2:
+                _normal_(t, 1.0 / math.sqrt(max(1, t[0].numel())), gen)
+            else:
+                _normal_(t, 0.02, gen)
+        _replace(module, name, place(name, t) if place is not None else t)
     return module
 
 
