@@ -181,9 +181,13 @@ def open_video_writer(path: str, fps: float):
 
 
 def count_video_frames(path: str) -> int:
-    """Frames in a written video, as ffmpeg decodes them (raises if it cannot be read)."""
+    """Frames in a written video, as ffmpeg decodes them; OSError if it cannot be read."""
     import imageio_ffmpeg
-    return imageio_ffmpeg.count_frames_and_secs(path)[0]
+    try:
+        return imageio_ffmpeg.count_frames_and_secs(path)[0] or 0
+    except RuntimeError as exc:  # ffmpeg cannot decode it: its log is in the message
+        logger.debug('%s', exc)
+        raise OSError('the encoder left an unreadable file') from exc
 
 
 def frames_fallback_path(save_file: Union[str, os.PathLike]) -> str:
