@@ -1,6 +1,6 @@
 """Generate a video from a text prompt with Wan2.2 T2V (reference behaviour).
 
-Same flags and defaults as the reference `generate.py` (REFERENCE.md §8). Additions:
+Same flags and defaults as the reference `generate.py`. Additions:
 `--random_init` (every component with deterministic random weights, no checkpoint), the tiny
 `t2v-tiny` task, `--debug`, and errors that come before any work: every input is checked
 (wan/utils/validation.py) before a model is built -- missing or damaged checkpoint files,
@@ -229,16 +229,17 @@ def generate(args: argparse.Namespace) -> None:
     logging.info('Finished.')
 
 
-def report_error(exc: BaseException, debug: bool = False) -> None:
-    """One `error: ...` line on stderr (and in the log); the traceback only with --debug."""
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    message = lines[0] + (' ...' if len(lines) > 1 else '')
+def report_error(exc: BaseException, debug: bool = False, text: str = '') -> None:
+    """One `error: ...` line on stderr (the whole message also in the log); the traceback
+    is logged at debug level, i.e. shown with --debug."""
+    text = (text or str(exc)).strip() or type(exc).__name__
+    lines = text.splitlines()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stdout,
                             format='[%(asctime)s] %(levelname)s: %(message)s')
-    logging.error('%s', str(exc).strip() or type(exc).__name__)
+    logging.error('%s', text)
     logging.debug('traceback', exc_info=exc)
-    print(f'error: {message}', file=sys.stderr)
+    print(f'error: {lines[0]}' + (' ...' if len(lines) > 1 else ''), file=sys.stderr)
 
 
 def main(argv=None, run=generate, parser=None) -> int:
@@ -252,7 +253,7 @@ def main(argv=None, run=generate, parser=None) -> int:
         return 1
     except KeyboardInterrupt as exc:
         # a VideoSaveInterrupted says where the frames are; a bare Ctrl-C says nothing
-        report_error(exc if str(exc) else KeyboardInterrupt('interrupted'), args.debug)
+        report_error(exc, args.debug, str(exc) or 'interrupted')
         return 130
     return 0
 

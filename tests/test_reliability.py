@@ -482,6 +482,8 @@ DAMAGE = {
                          lambda c: c / 'models_t5_umt5-xxl-enc-bf16.pth', True),
     'truncated-vae-pth': (lambda c: truncate(c / 'Wan2.1_VAE.pth'),
                           lambda c: c / 'Wan2.1_VAE.pth', True),
+    'garbage-vae-pth': (lambda c: (c / 'Wan2.1_VAE.pth').write_bytes(b'\x80\x02' * 500),
+                        lambda c: c / 'Wan2.1_VAE.pth', True),
     'broken-config-json': (lambda c: (c / HIGH / 'config.json').write_text('{"dim": 64,'),
                            lambda c: c / HIGH / 'config.json', True),
     'broken-index-json': (lambda c: (c / HIGH / SAFETENSORS_INDEX).write_text('{"weight'),

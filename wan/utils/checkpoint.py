@@ -1,6 +1,6 @@
 """The one checkpoint loader: reads the released file formats and streams tensors into models.
 
-Formats (REFERENCE.md §3):
+Formats of the released checkpoint:
 - DiT experts: a folder with `config.json` and either sharded safetensors with
   `diffusion_pytorch_model.safetensors.index.json`, or a single
   `diffusion_pytorch_model.safetensors`.
@@ -77,6 +77,11 @@ def check_pth_file(path: str) -> None:
     """Cheap completeness check of a torch.save file: a zip archive whose directory is intact
     and whose members all lie inside the file (a truncated copy fails here)."""
     size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        magic = f.read(4)
+    if magic != b'PK\x03\x04':
+        raise CheckpointError(f'checkpoint {path} is not a torch.save zip archive (damaged, or '
+                              f'saved in the legacy format, which cannot be memory-mapped)')
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f'checkpoint {path} is truncated or damaged: not a complete '
                               f'torch.save archive ({size} bytes)')

@@ -1,6 +1,6 @@
 """Small utilities of the reference package: video saving and a boolean argparse type.
 
-REFERENCE.md §8.2 describes the saving path reproduced here: clamp, per-frame grid of the
+The saving path of the reference, reproduced: clamp, per-frame grid of the
 batch, normalize to [0, 1], x255 truncated to uint8, libx264 at imageio quality 8 (CRF 10,
 yuv420p). Added: the write is atomic (temporary file, checked, renamed), and a failed write
 keeps the frames losslessly beside the target (NAME.frames.npy).
