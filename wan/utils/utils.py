@@ -257,8 +257,13 @@ def write_video_frames(frames: np.ndarray, save_file: Union[str, os.PathLike], f
         try:
             for frame in frames:
                 writer.append_data(frame)
-        finally:
-            writer.close()
+        except BaseException:
+            try:  # the first error is the one to report
+                writer.close()
+            except Exception:
+                pass
+            raise
+        writer.close()
         written = count_video_frames(tmp)
         if written != len(frames):
             raise OSError(f'the encoder wrote {written} of {len(frames)} frames')
