@@ -1,10 +1,12 @@
 """Generate a video from a text prompt with Wan2.2 T2V (reference behaviour).
 
-Same flags and defaults as the reference `generate.py` (REFERENCE.md §8). Additions:
+Same flags and defaults as the reference `generate.py`. Additions:
 `--random_init` (every component with deterministic random weights, no checkpoint), the tiny
-`t2v-tiny` task, and errors that come before any work: a missing checkpoint file, an empty
-prompt, an unwritable output path or an unsupported flag stop the run at once, and a failing
-save exits non-zero.
+`t2v-tiny` task, `--debug`, and errors that come before any work: every input is checked
+(wan/utils/validation.py) before a model is built -- missing or damaged checkpoint files,
+bad solver settings, an output path or encoder that cannot take the video, a machine that
+cannot hold the task. Errors print as one `error: ...` line (the traceback with --debug) and
+exit 1. The save is atomic; if it fails, the frames are kept in NAME.frames.npy.
 """
 from __future__ import annotations
 
@@ -16,32 +18,24 @@ import sys
 import warnings
 from datetime import datetime
 
+from wan.utils.validation import OTHER_TASK_FLAGS, USER_ERRORS, UserError  # noqa: F401
+
 EXAMPLE_PROMPT = {
     't2v-A14B': 'Two anthropomorphic cats in comfy boxing gear and bright gloves fight '
                 'intensely on a spotlighted stage.',
 }
 EXAMPLE_PROMPT['t2v-tiny'] = EXAMPLE_PROMPT['t2v-A14B']
 
-# Flags of the reference's other tasks: they parse, and using one is an error here.
-OTHER_TASK_FLAGS = {
-    'image': None, 'audio': None, 'enable_tts': False, 'tts_prompt_audio': None,
-    'tts_prompt_text': None, 'tts_text': None, 'pose_video': None, 'num_clip': None,
-    'start_from_ref': False, 'infer_frames': 80, 'src_root_path': None, 'refert_num': 77,
-    'replace_flag': False, 'use_relighting_lora': False, 'use_prompt_extend': False,
-}
-
-
-class UserError(Exception):
-    """Bad input: reported as one line, exit status 1."""
 
 
 def add_reference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The reference CLI's flags with the same names, types and defaults."""
-    from wan.configs import SIZE_CONFIGS, WAN_CONFIGS
+    from wan.configs import WAN_CONFIGS
     from wan.utils.utils import str2bool
+    from wan.utils.validation import cli_size_choices
     parser.add_argument('--task', type=str, default='t2v-A14B', choices=list(WAN_CONFIGS),
                         help='The task to run.')
-    parser.add_argument('--size', type=str, default=None, choices=list(SIZE_CONFIGS),
+    parser.add_argument('--size', type=str, default=None, choices=cli_size_choices(),
                         help='The area (width*height) of the generated video '
                              '(default 1280*720; the first supported size for t2v-tiny).')
     parser.add_argument('--frame_num', type=int, default=None,
@@ -102,6 +96,9 @@ def add_reference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              'loading --ckpt_dir (demo and benchmarking; never chosen silently).')
     parser.add_argument('--random_init_seed', type=int, default=0,
                         help='Seed of the random weights with --random_init.')
+    parser.add_argument('--debug', action='store_true', default=False,
+                        help='Debug logging, and the full traceback of an error (otherwise '
+                             'one "error: ..." line).')
     return parser
 
 
@@ -111,80 +108,30 @@ def _parser() -> argparse.ArgumentParser:
     return add_reference_args(parser)
 
 
-def nearest_valid_frames(n: int) -> str:
-    lo = max(1, ((n - 1) // 4) * 4 + 1)
-    return f'{lo} or {lo + 4}' if lo != n else str(n)
-
-
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
-    """Fill defaults from the config and reject bad input before anything is built."""
-    from wan.configs import SUPPORTED_SIZES, UNSUPPORTED_TASKS, WAN_CONFIGS, default_size
-    if args.task in UNSUPPORTED_TASKS:
-        raise UserError(f'task {args.task!r} is not supported by this project (text-to-video '
-                        f'only: t2v-A14B, t2v-tiny)')
-    for name, default in OTHER_TASK_FLAGS.items():
-        if getattr(args, name) != default:
-            raise UserError(f"--{name} is not supported by this project (it belongs to the "
-                            f"reference's other tasks or prompt-extension backends)")
+    """Fill defaults from the config, then check every input (wan/utils/validation.py)
+    before anything is built: a bad run stops here, in one line."""
+    from wan.configs import WAN_CONFIGS, default_size
+    from wan.utils.validation import check_cli_args, check_task
+    check_task(args.task)
     cfg = WAN_CONFIGS[args.task]
-    if args.ckpt_dir is None and not args.random_init:
-        raise UserError('--ckpt_dir is required (or --random_init for random weights)')
-    if args.ckpt_dir is not None and not args.random_init and not os.path.isdir(args.ckpt_dir):
-        raise UserError(f'checkpoint directory not found: {args.ckpt_dir} '
-                        f'(looked for {os.path.abspath(args.ckpt_dir)})')
     if args.size is None:
         args.size = default_size(args.task)
-    if args.size not in SUPPORTED_SIZES[args.task]:
-        raise UserError(f'unsupported size {args.size!r} for task {args.task}; supported '
-                        f'sizes: {", ".join(SUPPORTED_SIZES[args.task])}')
     if args.sample_steps is None:
         args.sample_steps = cfg.sample_steps
-    if args.sample_steps < 1:
-        raise UserError('--sample_steps must be >= 1')
     if args.sample_shift is None:
         args.sample_shift = cfg.sample_shift
     if args.sample_guide_scale is None:
         args.sample_guide_scale = cfg.sample_guide_scale
     if args.frame_num is None:
         args.frame_num = cfg.frame_num
-    if args.frame_num < 1 or (args.frame_num - 1) % 4 != 0:
-        raise UserError(f'--frame_num must be of the form 4n+1; got {args.frame_num}, nearest '
-                        f'valid: {nearest_valid_frames(args.frame_num)}')
     if args.prompt is None:
         args.prompt = EXAMPLE_PROMPT[args.task]
-    if not args.prompt.strip():
-        raise UserError('--prompt is empty; give a text prompt')
-    if args.base_seed < 0:
-        args.base_seed = random.randint(0, sys.maxsize)
-    # Parallel layout: pure argument checks, identical on every rank and before any
-    # collective, so a bad combination exits on every rank instead of hanging.
-    if args.ulysses_size < 1:
-        raise UserError(f'--ulysses_size must be >= 1, got {args.ulysses_size}')
-    if world_size == 1:
-        if args.t5_fsdp or args.dit_fsdp:
-            raise UserError('--t5_fsdp/--dit_fsdp need a distributed launch (torchrun with '
-                            'more than one process)')
-        if args.ulysses_size > 1:
-            raise UserError('--ulysses_size > 1 needs a distributed launch (torchrun '
-                            '--nproc_per_node=N)')
-        if args.cfg_parallel:
-            raise UserError('--cfg_parallel needs a distributed launch with 2 x ulysses_size '
-                            'processes (torchrun --nproc_per_node='
-                            f'{2 * args.ulysses_size})')
-    elif args.cfg_parallel:
-        if world_size != 2 * args.ulysses_size:
-            raise UserError(f'--cfg_parallel with --ulysses_size {args.ulysses_size} needs '
-                            f'world size {2 * args.ulysses_size}, got {world_size}')
-    else:
-        if args.ulysses_size > 1 and args.ulysses_size != world_size:
-            raise UserError(f'--ulysses_size {args.ulysses_size} must equal the world size '
-                            f'{world_size}')
-    if args.ulysses_size > 1 and cfg.num_heads % args.ulysses_size != 0:
-        raise UserError(f'--ulysses_size {args.ulysses_size} must divide the {cfg.num_heads} '
-                        f'attention heads')
     if args.save_file is None:
         args.save_file = default_save_file(args)
-    check_writable(args.save_file)
+    check_cli_args(args, world_size)
+    if args.base_seed < 0:
+        args.base_seed = random.randint(0, sys.maxsize)
 
 
 def default_save_file(args: argparse.Namespace) -> str:
@@ -194,21 +141,10 @@ def default_save_file(args: argparse.Namespace) -> str:
     return f'{args.task}_{size}_{args.ulysses_size}_{formatted_prompt}_{formatted_time}.mp4'
 
 
-def check_writable(path: str) -> None:
-    """Refuse an output path that cannot be written, before minutes of generation."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f'cannot write --save_file {path}: folder {folder} does not exist')
-    if os.path.isdir(path):
-        raise UserError(f'cannot write --save_file {path}: it is a directory')
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UserError(f'cannot write --save_file {path}: permission denied')
-
-
-def init_logging(rank: int) -> None:
+def init_logging(rank: int, debug: bool = False) -> None:
     if rank == 0:
-        logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
-                            format='[%(asctime)s] %(levelname)s: %(message)s')
+        logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stdout,
+                            force=True, format='[%(asctime)s] %(levelname)s: %(message)s')
     else:
         logging.basicConfig(level=logging.ERROR, force=True)
 
@@ -232,29 +168,13 @@ def init_distributed(args: argparse.Namespace):
 
 
 def save_output(video, args, fps: int) -> None:
-    """Write the mp4; on failure remove any partial file and raise.
-
-    A file that already existed and that the failed save never touched is left alone.
-    """
-    from wan.utils.utils import save_video
-
-    def state(path):
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return st.st_size, st.st_mtime_ns, st.st_ino
-
+    """Write the video atomically (wan.utils.utils.write_video_frames): on failure nothing is
+    left at --save_file, the frames are kept in NAME.frames.npy, and VideoSaveError (or
+    VideoSaveInterrupted for Ctrl-C) says where."""
+    from wan.utils.utils import video_to_uint8_frames, write_video_frames
     logging.info('Saving generated video to %s', args.save_file)
-    before = state(args.save_file)
-    try:
-        save_video(tensor=video[None], save_file=args.save_file, fps=fps, nrow=1,
-                   normalize=True, value_range=(-1, 1))
-    except Exception as exc:
-        after = state(args.save_file)
-        if after is not None and after != before:
-            os.remove(args.save_file)
-        raise UserError(f'failed to save the video to {args.save_file}: {exc}') from exc
+    frames = video_to_uint8_frames(video[None], nrow=1, normalize=True, value_range=(-1, 1))
+    write_video_frames(frames, args.save_file, fps)
 
 
 def generate_and_save(pipe, args: argparse.Namespace, cfg, rank: int) -> None:
@@ -288,7 +208,7 @@ def generate(args: argparse.Namespace) -> None:
     from wan.distributed.util import broadcast_seed
 
     rank, world_size, local_rank = init_distributed(args)
-    init_logging(rank)
+    init_logging(rank, args.debug)
     if args.offload_model is None:
         args.offload_model = world_size == 1
         logging.info('offload_model is not specified, set to %s.', args.offload_model)
@@ -309,17 +229,32 @@ def generate(args: argparse.Namespace) -> None:
     logging.info('Finished.')
 
 
+def report_error(exc: BaseException, debug: bool = False, text: str = '') -> None:
+    """One `error: ...` line on stderr (the whole message also in the log); the traceback
+    is logged at debug level, i.e. shown with --debug."""
+    text = (text or str(exc)).strip() or type(exc).__name__
+    lines = text.splitlines()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stdout,
+                            format='[%(asctime)s] %(levelname)s: %(message)s')
+    logging.error('%s', text)
+    logging.debug('traceback', exc_info=exc)
+    print(f'error: {lines[0]}' + (' ...' if len(lines) > 1 else ''), file=sys.stderr)
+
+
 def main(argv=None, run=generate, parser=None) -> int:
+    """Run the CLI; 0 on success, 1 on an error the user can act on, 130 on Ctrl-C."""
     warnings.filterwarnings('ignore')
     args = (parser or _parser()).parse_args(argv)
     try:
         run(args)
-    except (UserError, FileNotFoundError) as exc:
-        logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                            format='[%(asctime)s] %(levelname)s: %(message)s')
-        logging.error('%s', exc)
-        print(f'error: {exc}', file=sys.stderr)
+    except USER_ERRORS as exc:
+        report_error(exc, args.debug)
         return 1
+    except KeyboardInterrupt as exc:
+        # a VideoSaveInterrupted says where the frames are; a bare Ctrl-C says nothing
+        report_error(exc, args.debug, str(exc) or 'interrupted')
+        return 130
     return 0
 
 

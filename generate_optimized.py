@@ -56,7 +56,7 @@ def generate(args: argparse.Namespace) -> None:
     from wan.text2video_optimized import WanT2VOptimized
 
     rank, world_size, local_rank = ref_cli.init_distributed(args)
-    ref_cli.init_logging(rank)
+    ref_cli.init_logging(rank, args.debug)
     if args.no_offload:
         if args.offload_model:
             raise UserError('--no-offload contradicts --offload_model True')
@@ -84,9 +84,9 @@ def generate(args: argparse.Namespace) -> None:
     for i, prompt in enumerate(prompts or [args.prompt]):
         args.prompt = prompt
         if prompts is not None:
-            # one file per prompt: --save_file becomes NAME_000.mp4, NAME_001.mp4, ...
-            base = save_pattern or ref_cli.default_save_file(args)
-            args.save_file = f'{os.path.splitext(base)[0]}_{i:03d}.mp4'
+            # one file per prompt: --save_file NAME.mp4 becomes NAME_000.mp4, NAME_001.mp4, ...
+            base, ext = os.path.splitext(save_pattern or ref_cli.default_save_file(args))
+            args.save_file = f'{base}_{i:03d}{ext}'
         logging.info('Input prompt: %s', prompt)
         ref_cli.generate_and_save(pipe, args, cfg, rank)
     if torch.cuda.is_available():

@@ -98,6 +98,7 @@ BAD_INPUTS = [
     (TINY + ['--dit_fsdp'], ['--dit_fsdp', 'torchrun']),
     (TINY + ['--t5_fsdp'], ['--t5_fsdp', 'torchrun']),
     (TINY + ['--sample_steps', '0'], ['--sample_steps']),
+    (TINY + ['--save_file', '{tmp}/x.unknownext'], ['--save_file', '.unknownext', '.mp4']),
 ]
 
 
@@ -135,14 +136,27 @@ def test_incomplete_checkpoint_dir(tmp_path):
 
 
 def test_failing_save_exits_nonzero_subprocess(tmp_path):
-    """A save that fails for real (no writer for the extension): exit 1, message, no file."""
-    save = tmp_path / 'x.unknownext'
-    rc, out, _ = run(TINY + ['--save_file', str(save), '--sample_steps', '1',
-                             '--frame_num', '5'])
-    assert rc == 1
-    assert 'failed to save the video' in out and 'Traceback' not in out
-    assert 'Finished.' not in out
-    assert os.listdir(tmp_path) == []
+    """A save that fails for real (an encoder that dies): exit 1, one line, no video file,
+    the frames kept beside the target."""
+    fake = tmp_path / 'bin' / 'ffmpeg'
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\n[ "$1" = "-version" ] && { echo "ffmpeg version 0"; exit 0; }\n'
+                    'for last; do :; done; printf partial > "$last"; exit 1\n')
+    fake.chmod(0o755)
+    out_dir = tmp_path / 'out'
+    out_dir.mkdir()
+    save = out_dir / 'x.mp4'
+    proc = subprocess.run([sys.executable, GENERATE] + TINY + [
+        '--save_file', str(save), '--sample_steps', '1', '--frame_num', '5'],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, 'IMAGEIO_FFMPEG_EXE': str(fake)})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and str(save) in errors[0] and 'x.frames.npy' in errors[0]
+    assert 'Traceback' not in out and 'Finished.' not in out
+    assert sorted(os.listdir(out_dir)) == ['x.frames.npy']
+    assert np.load(out_dir / 'x.frames.npy').shape == (5, 64, 128, 3)
 
 
 @pytest.fixture
@@ -155,37 +169,50 @@ def restore_logging():
     root.setLevel(level)
 
 
+class FailingWriter:
+    """Stands in for the ffmpeg writer: writes some bytes to its file, then raises `error`
+    at the third frame."""
+
+    def __init__(self, path, error):
+        self.path, self.error, self.frames = path, error, 0
+        with open(path, 'wb') as f:
+            f.write(b'partial')
+
+    def append_data(self, frame):
+        self.frames += 1
+        if self.frames == 3:
+            raise self.error
+
+    def close(self):
+        pass
+
+
 def test_save_output_failure_in_process(tmp_path, monkeypatch, restore_logging):
+    import errno
+
     import torch
 
     import generate
     import wan.utils.utils as wu
 
-    def failing_save_video(tensor, save_file=None, **kw):
-        with open(save_file, 'wb') as f:
-            f.write(b'partial')
-        raise OSError('disk full')
-
-    monkeypatch.setattr(wu, 'save_video', failing_save_video)
+    monkeypatch.setattr(wu, 'open_video_writer', lambda path, fps: FailingWriter(
+        path, OSError(errno.ENOSPC, 'No space left on device')))
     video = torch.zeros(3, 5, 64, 128)
     save = tmp_path / 'out.mp4'
     args = generate._parser().parse_args(TINY + ['--save_file', str(save)])
-    with pytest.raises(generate.UserError, match='disk full'):
+    with pytest.raises(wu.VideoSaveError, match='No space left on device') as err:
         generate.save_output(video, args, 16)
-    assert not save.exists()  # the partial file is removed
+    assert not save.exists()  # nothing partial at the target, no temporary file left
+    assert sorted(os.listdir(tmp_path)) == ['out.frames.npy']
+    assert err.value.frames_path == str(tmp_path / 'out.frames.npy')
 
-    # a file that was there before and that the failed save never touched is kept
-    def failing_before_write(tensor, save_file=None, **kw):
-        raise ValueError('no writer')
-
-    monkeypatch.setattr(wu, 'save_video', failing_before_write)
+    # a file that was there before is left as it was
     save.write_bytes(b'previous video')
-    with pytest.raises(generate.UserError, match='no writer'):
+    with pytest.raises(wu.VideoSaveError):
         generate.save_output(video, args, 16)
     assert save.read_bytes() == b'previous video'
 
     # generate.main returns non-zero when saving fails (no model: a stub pipeline)
-    monkeypatch.setattr(wu, 'save_video', failing_save_video)
     save.unlink()
 
     class StubPipe:

@@ -23,12 +23,14 @@ from tqdm import tqdm
 from .modules.model import ForwardOptions, WanModel
 from .modules.t5 import T5EncoderModel
 from .modules.vae2_1 import Wan2_1_VAE
+from .utils.checkpoint import check_checkpoint_dir  # noqa: F401 (re-exported)
 from .utils.fm_solvers import (FlowDPMSolverMultistepScheduler, get_sampling_sigmas,
                                retrieve_timesteps)
 from .utils.fm_solvers_euler import FlowEulerScheduler
 from .utils.fm_solvers_unipc import FlowUniPCMultistepScheduler
 from .utils.dtype_policy import dtype_rule
 from .utils.timing import PipelineObserver
+from .utils.validation import check_generation_args
 
 __all__ = ['WanT2V', 'check_checkpoint_dir', 'SOLVERS']
 
@@ -38,34 +40,6 @@ SOLVERS = ('unipc', 'dpm++', 'euler')
 T5_ARCH_KEYS = {'t5_vocab_size': 'vocab_size', 't5_dim': 'dim', 't5_dim_attn': 'dim_attn',
                 't5_dim_ffn': 'dim_ffn', 't5_num_heads': 'num_heads',
                 't5_num_layers': 'encoder_layers', 't5_num_buckets': 'num_buckets'}
-
-
-def check_checkpoint_dir(config, checkpoint_dir: str) -> None:
-    """Fail before building anything if a file the pipeline needs is missing.
-
-    The message names every missing item and where it was looked for.
-    """
-    if not checkpoint_dir or not os.path.isdir(checkpoint_dir):
-        raise FileNotFoundError(f'checkpoint directory not found: {checkpoint_dir!r} '
-                                f'(looked for {os.path.abspath(checkpoint_dir or ".")})')
-    missing = []
-    for rel, kind in [(config.t5_checkpoint, 'file'), (config.vae_checkpoint, 'file'),
-                      (config.t5_tokenizer, 'dir')]:
-        path = os.path.join(checkpoint_dir, rel)
-        if not (os.path.isfile(path) if kind == 'file' else os.path.isdir(path)):
-            missing.append(path)
-    for sub in (config.low_noise_checkpoint, config.high_noise_checkpoint):
-        folder = os.path.join(checkpoint_dir, sub)
-        if not os.path.isfile(os.path.join(folder, 'config.json')):
-            missing.append(os.path.join(folder, 'config.json'))
-        if not any(os.path.isfile(os.path.join(folder, f)) for f in (
-                'diffusion_pytorch_model.safetensors.index.json',
-                'diffusion_pytorch_model.safetensors')):
-            missing.append(os.path.join(folder, 'diffusion_pytorch_model.safetensors[.index.json]'))
-    if missing:
-        raise FileNotFoundError(
-            f'checkpoint {os.path.abspath(checkpoint_dir)} is incomplete; missing: '
-            + ', '.join(missing))
 
 
 class WanT2V:
@@ -378,7 +352,13 @@ class WanT2V:
         """Generate a video; returns (3, F, H, W) in [-1, 1] on rank 0, None elsewhere.
 
         `guide_scale` is one float for both experts or a (low-noise, high-noise) tuple.
+        Bad arguments raise ValueError before any work (wan/utils/validation.py).
         """
+        check_generation_args(
+            size=size, frame_num=frame_num, shift=shift, sample_solver=sample_solver,
+            sampling_steps=sampling_steps, seed=seed, num_train_timesteps=self.num_train_timesteps,
+            size_multiple=(self.vae_stride[2] * self.patch_size[2],
+                           self.vae_stride[1] * self.patch_size[1]))
         if isinstance(guide_scale, (int, float)):
             guide_scale = (float(guide_scale), float(guide_scale))
         target_shape = self.target_shape(size, frame_num)

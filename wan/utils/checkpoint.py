@@ -1,11 +1,15 @@
 """The one checkpoint loader: reads the released file formats and streams tensors into models.
 
-Formats (docs/CHECKPOINTS.md):
+Formats of the released checkpoint (docs/CHECKPOINTS.md):
 - DiT experts: a folder with `config.json` and either sharded safetensors with
   `diffusion_pytorch_model.safetensors.index.json`, or a single
   `diffusion_pytorch_model.safetensors`.
 - T5 and VAE: a `torch.save` state dict (`.pth`), read with `weights_only=True` and mmap so
   that an 11 GB file is not copied into host memory at once.
+
+`check_checkpoint_dir` checks a whole pipeline folder before anything is built: every file
+present (each shard its index lists included), every json parsable, every safetensors header
+consistent with its file size and every `.pth` a complete torch.save archive.
 
 Models are built on the meta device; `load_tensors_` then assigns each checkpoint tensor,
 converted to the target device and dtype, in place of the meta parameter. Tensors are read one
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
@@ -26,6 +31,7 @@ __all__ = [
     'CheckpointError', 'require_file', 'read_pth', 'safetensors_files', 'iter_safetensors',
     'iter_pth', 'load_tensors_', 'module_tensor_shapes', 'save_sharded_safetensors', 'chain',
     'Rename', 'Transform', 'DtypeRule', 'Place', 'TensorStream',
+    'check_checkpoint_dir', 'check_pth_file', 'read_safetensors_header', 'read_json',
 ]
 
 SAFETENSORS_INDEX = 'diffusion_pytorch_model.safetensors.index.json'
@@ -57,6 +63,118 @@ def read_pth(path: str) -> Dict[str, torch.Tensor]:
 
 def iter_pth(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
     yield from read_pth(path).items()
+
+
+def read_json(path: str, what: str) -> dict:
+    """Parse a json file; CheckpointError naming the file if it is not valid json."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f'cannot parse {what} {path}: {exc}') from exc
+
+
+def check_pth_file(path: str) -> None:
+    """Cheap completeness check of a torch.save file: a zip archive whose directory is intact
+    and whose members all lie inside the file (a truncated copy fails here)."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        magic = f.read(4)
+    if magic != b'PK\x03\x04':
+        raise CheckpointError(f'checkpoint {path} is not a torch.save zip archive (damaged, or '
+                              f'saved in the legacy format, which cannot be memory-mapped)')
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f'checkpoint {path} is truncated or damaged: not a complete '
+                              f'torch.save archive ({size} bytes)')
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f'checkpoint {path} is damaged: {exc}') from exc
+    if not any(m.filename.endswith('data.pkl') for m in members):
+        raise CheckpointError(f'checkpoint {path} is not a torch.save archive (no data.pkl)')
+    for m in members:
+        if m.header_offset + m.compress_size > size:
+            raise CheckpointError(f'checkpoint {path} is truncated: member {m.filename} ends '
+                                  f'past the end of the file ({size} bytes)')
+
+
+def read_safetensors_header(path: str) -> Dict[str, dict]:
+    """The tensor table of a safetensors file ({name: {dtype, shape, data_offsets}}), checked
+    against the file size; CheckpointError naming the file if it is truncated or not one."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(8)
+        length = int.from_bytes(head, 'little') if len(head) == 8 else -1
+        if length < 2 or 8 + length > size:
+            raise CheckpointError(f'safetensors file {path} is truncated or damaged: its '
+                                  f'header does not fit in its {size} bytes')
+        try:
+            header = json.loads(f.read(length))
+            header.pop('__metadata__', None)
+            end = max((int(v['data_offsets'][1]) for v in header.values()), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise CheckpointError(f'safetensors file {path} is damaged: unreadable header '
+                                  f'({exc})') from exc
+    if 8 + length + end != size:
+        raise CheckpointError(f'safetensors file {path} is truncated or damaged: {size} bytes, '
+                              f'its header describes {8 + length + end}')
+    return header
+
+
+def check_checkpoint_dir(config, checkpoint_dir: Optional[str]) -> None:
+    """Fail before building anything if the pipeline folder is incomplete or damaged.
+
+    FileNotFoundError names every missing item (the T5 and VAE files, the tokenizer folder,
+    each expert's config.json, index and every shard the index lists) and where it was looked
+    for; CheckpointError names each file that is present but unusable (json that does not
+    parse, a truncated or garbage safetensors shard or .pth, an index whose shard lacks a
+    tensor it lists). Reads only headers and directories: seconds even for the 126 GB
+    release.
+    """
+    if not checkpoint_dir or not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f'checkpoint directory not found: {checkpoint_dir!r} '
+                                f'(looked for {os.path.abspath(checkpoint_dir or ".")})')
+    missing, pth_files, experts = [], [], []
+    for rel, kind in [(config.t5_checkpoint, 'file'), (config.vae_checkpoint, 'file'),
+                      (config.t5_tokenizer, 'dir')]:
+        path = os.path.join(checkpoint_dir, rel)
+        if not (os.path.isfile(path) if kind == 'file' else os.path.isdir(path)):
+            missing.append(path)
+        elif kind == 'file':
+            pth_files.append(path)
+    for sub in (config.low_noise_checkpoint, config.high_noise_checkpoint):
+        folder = os.path.join(checkpoint_dir, sub)
+        if not os.path.isfile(os.path.join(folder, 'config.json')):
+            missing.append(os.path.join(folder, 'config.json'))
+        index = os.path.join(folder, SAFETENSORS_INDEX)
+        if os.path.isfile(index):
+            weight_map = read_json(index, 'shard index').get('weight_map')
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f'shard index {index} has no weight_map')
+            shards = {}
+            for name, shard in weight_map.items():
+                shards.setdefault(os.path.join(folder, shard), []).append(name)
+            missing += [p for p in sorted(shards) if not os.path.isfile(p)]
+            experts.append((folder, shards))
+        elif os.path.isfile(os.path.join(folder, SAFETENSORS_SINGLE)):
+            experts.append((folder, {os.path.join(folder, SAFETENSORS_SINGLE): None}))
+        else:
+            missing.append(os.path.join(folder, SAFETENSORS_SINGLE + '[.index.json]'))
+    if missing:
+        raise FileNotFoundError(
+            f'checkpoint {os.path.abspath(checkpoint_dir)} is incomplete; missing: '
+            + ', '.join(missing))
+    for path in pth_files:
+        check_pth_file(path)
+    for folder, shards in experts:
+        read_json(os.path.join(folder, 'config.json'), 'DiT config')
+        for path, names in shards.items():
+            header = read_safetensors_header(path)
+            absent = [n for n in names or () if n not in header]
+            if absent:
+                raise CheckpointError(f'safetensors file {path} lacks tensors that '
+                                      f'{SAFETENSORS_INDEX} assigns to it: {_describe(absent)}')
 
 
 def safetensors_files(folder: str) -> Tuple[List[str], Optional[Dict[str, str]]]:
