@@ -95,9 +95,7 @@ class WanT2V:
                 raise ValueError(f'ulysses_size {ulysses_size} > 1 needs use_sp=True')
             self.sp_group, self.cfg_group, self.parallel_info = make_groups(
                 world, ulysses_size, cfg_parallel)
-        self.device = torch.device(device) if device is not None else (
-            torch.device(f'cuda:{device_id}') if torch.cuda.is_available()
-            else torch.device('cpu'))
+        self.device = self.resolve_device(device, device_id)
         self.config = config
         self.rank = rank
         self.t5_cpu = t5_cpu
@@ -184,6 +182,15 @@ class WanT2V:
                 observer.stage_finished(name, info)
 
     # ------------------------------------------------------------------ construction
+    @staticmethod
+    def resolve_device(device: Optional[Union[str, torch.device]],
+                       device_id: int = 0) -> torch.device:
+        """`device`, else `cuda:{device_id}`, else the CPU when CUDA is absent."""
+        if device is not None:
+            return torch.device(device)
+        return torch.device(f'cuda:{device_id}') if torch.cuda.is_available() else \
+            torch.device('cpu')
+
     def _dit_kwargs(self) -> dict:
         c = self.config
         kw = dict(model_type='t2v', patch_size=c.patch_size, text_len=c.text_len, dim=c.dim,
@@ -246,13 +253,16 @@ class WanT2V:
             model = shard_fn(model, param_dtype=torch.float32) if self.device.type == 'cpu' \
                 else shard_fn(model)
         else:
-            if convert_model_dtype:
-                model.to(self.param_dtype)
-            if not self.init_on_cpu:
-                model.to(self.device)
-            elif self.random_init:
-                model.to('cpu')
+            self._place_expert(model)
         return model
+
+    def _place_expert(self, model: torch.nn.Module) -> None:
+        """Upstream's placement of a built expert: on the GPU unless init_on_cpu (then it
+        waits on the CPU until its first step moves it)."""
+        if not self.init_on_cpu:
+            model.to(self.device)
+        elif self.random_init:
+            model.to('cpu')
 
     # ------------------------------------------------------------------ hooks
     def _prepare_model_for_timestep(self, t, boundary, offload_model):

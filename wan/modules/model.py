@@ -658,9 +658,13 @@ class WanModel(nn.Module):
     @classmethod
     def from_random(cls, seed: int = 0, device: torch.device | str = 'cpu',
                     dtype: Optional[torch.dtype] = None, *,
-                    dtype_rule: Optional[DtypeRule] = None, **kwargs) -> 'WanModel':
-        """Deterministic random weights, built directly on `device` (no host copy), each
-        tensor in `dtype` or in the dtype `dtype_rule` gives it.
+                    dtype_rule: Optional[DtypeRule] = None, place: Optional[Place] = None,
+                    before_load: Optional[Callable[['WanModel'], None]] = None,
+                    **kwargs) -> 'WanModel':
+        """Deterministic random weights, drawn directly on `device` (no host copy), each
+        tensor in `dtype` or in the dtype `dtype_rule` gives it, then put where `place` says
+        (default: stays on `device`); `before_load` edits the meta model first, as in
+        from_pretrained.
 
         The projections that write into the residual stream (attention outputs and the
         second FFN linear) are scaled by 1/sqrt(2 * num_layers), as in GPT-2-style inits, so
@@ -669,12 +673,18 @@ class WanModel(nn.Module):
         random weights should reflect rounding, not a chaotic random map.
         """
         model = build_on_meta(lambda: cls(**kwargs))
-        init_random_weights_(model, seed, device, dtype, dtype_rule=dtype_rule)
-        with torch.no_grad():
-            scale = 1.0 / math.sqrt(2 * model.num_layers)
-            for block in model.blocks:
-                for lin in (block.self_attn.o, block.cross_attn.o, block.ffn[2]):
-                    lin.weight.mul_(scale)
+        if before_load is not None:
+            before_load(model)
+        scale = 1.0 / math.sqrt(2 * model.num_layers)
+        residual_writers = ('.self_attn.o.weight', '.cross_attn.o.weight', '.ffn.2.weight')
+
+        def after_fill(name: str, t: torch.Tensor) -> None:
+            if name.startswith('blocks.') and name.endswith(residual_writers):
+                t.mul_(scale)
+
+        init_random_weights_(model, seed, device, dtype, dtype_rule=dtype_rule, place=place,
+                             after_fill=after_fill)
+        model.freqs = model.freqs.to(device)
         return model.eval().requires_grad_(False)
 
     def save_pretrained(self, folder: str, max_shard_bytes: int = 10 * 2**30) -> None:

@@ -47,11 +47,11 @@ __all__ = ['GiB', 'ACT_BYTES_PER_TOKEN_A14B', 'VAE_DECODE_BYTES_PER_PIXEL', 'T5_
 GiB = 2**30
 
 # Peak activation bytes per token and per batch element of one optimized DiT forward at the
-# A14B widths (dim 5120, ffn 13824), headroom included. Measured on the H100, to be
-# re-measured whenever the forward's activation peak changes: peak minus the two bf16 experts
-# was ~222 KiB/token at 1280*720 batch 1 (bench/results/h100_1280x720_both_e5722e6.json) and
-# ~225 KiB/token at 832*480 batch 2 (h100_832x480_both_f26bcfb.json); rounded up.
-ACT_BYTES_PER_TOKEN_A14B = 232 * 1024
+# A14B widths (dim 5120, ffn 13824), headroom included. Measured on the H200 (one compiled
+# expert, FA3, batch 1; bench/results/h200_forward_check_a05f712.log): peak above the weights
+# 6.51 GiB at 1280*720 (92.4 KiB/token) and 2.82 GiB at 832*480 (90.3 KiB/token); rounded up
+# by ~8%. Re-measure it whenever the forward's activation peak changes.
+ACT_BYTES_PER_TOKEN_A14B = 100 * 1024
 # Wan2.1 VAE decode peak per output pixel (81 frames), weights not included: the reference's
 # fp32 decode measured 20.2 GiB at 1280*720 (to be re-measured for the optimized decode; a
 # measured peak can be passed to plan_memory as `vae_decode_bytes`).

@@ -28,7 +28,9 @@ def init_random_weights_(module: nn.Module, seed: int, device: torch.device | st
                          dtype_rule: Optional[Callable[[str, torch.Tensor],
                                                        torch.dtype]] = None,
                          place: Optional[Callable[[str, torch.Tensor],
-                                                  torch.Tensor]] = None) -> nn.Module:
+                                                  torch.Tensor]] = None,
+                         after_fill: Optional[Callable[[str, torch.Tensor],
+                                                       None]] = None) -> nn.Module:
     """Materialise `module` on `device` (from meta if needed) and fill it deterministically.
 
     Tensor by tensor, in state-dict order: each is created directly in its final dtype
@@ -36,6 +38,8 @@ def init_random_weights_(module: nn.Module, seed: int, device: torch.device | st
     wan/utils/dtype_policy.py; else as built), filled on `device`, then handed to
     `place(name, tensor)` when given (which returns where it lives, e.g. page-locked host
     memory), so at most one tensor beyond the placed ones exists on `device` at a time.
+    `after_fill(name, tensor)` may edit a tensor in place once it is filled (before it is
+    placed).
     Rules by name: norm scales ('norm', 'gamma') are ones; 'modulation' tables are
     randn/sqrt(dim); other tensors with >= 2 dims are normal(0, 1/sqrt(fan_in)); 1-D biases
     are normal(0, 0.02). Values are drawn in fp32 in state-dict order, so the same seed and
@@ -62,6 +66,8 @@ def init_random_weights_(module: nn.Module, seed: int, device: torch.device | st
                 _normal_(t, 1.0 / math.sqrt(max(1, t[0].numel())), gen)
             else:
                 _normal_(t, 0.02, gen)
+            if after_fill is not None:
+                after_fill(name, t)
         _replace(module, name, place(name, t) if place is not None else t)
     return module
 
