@@ -1,4 +1,4 @@
-"""generate.py and generate_optimized.py end to end, as subprocesses (REFERENCE.md §8), on the
+"""generate.py and generate_optimized.py end to end, as subprocesses (README.md#cli-reference; upstream generate.py), on the
 tiny config with random weights; plus the in-process pieces a subprocess cannot reach."""
 from __future__ import annotations
 

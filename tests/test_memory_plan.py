@@ -296,7 +296,8 @@ def test_wishes():
     assert not plan_memory(size=P720, **a).batched_cfg
     p = plan_memory(size=P720, want_batched_cfg=True, **a)
     assert p.batched_cfg and p.all_resident and 'batched CFG (batch 2)' in p.describe()
-    p = plan_memory(80 * GiB, 128 * GiB, P720, 81, want_batched_cfg=True)
+    p = plan_memory(80 * GiB, 128 * GiB, P720, 81, want_batched_cfg=True,
+                    act_bytes_per_token=ACT_TODAY)
     assert p.all_resident and not p.batched_cfg  # both resident beats batching
     p = plan_memory(24 * GiB, 128 * GiB, P480, 81, want_batched_cfg=True)
     assert p.streamed == ('high_noise', 'low_noise') and p.batched_cfg  # one copy per step

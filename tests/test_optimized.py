@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import FrozenInstanceError, replace
-from types import SimpleNamespace
 
 import pytest
 import torch
 from easydict import EasyDict
 
-from wan.optimizations import (PASSES, apply_passes, backend_flags, toggle_names)
+from wan.optimizations import PASSES, apply_passes, backend_flags, toggle_names
 from wan.text2video import WanT2V
 from wan.text2video_optimized import OptimizationConfig, WanT2VOptimized, optimize_pipeline
-from wan.utils.memory_plan import GiB, ModelSizes, cpu_plan, plan_memory
+from wan.utils.memory_plan import GiB, ModelSizes, cpu_plan
 
 SIZE = (128, 64)
 FRAMES = 9
@@ -299,8 +298,9 @@ def _inputs(pipe):
     return latents, ctx, ctx_null
 
 
-def _plan(batched):
-    return cpu_plan(ModelSizes.a14b(), want_batched_cfg=batched)
+def _plan(scheme):
+    plan = cpu_plan(ModelSizes.a14b(), want_batched_cfg=scheme == 'batched')
+    return replace(plan, experts=tuple(replace(e, cfg=scheme) for e in plan.experts))
 
 
 @pytest.mark.parametrize('per_sample_time', [False, True])
@@ -314,17 +314,21 @@ def test_batched_cfg_equals_two_passes(cfg32, per_sample_time):
                                              tuple(kwargs['t'].shape))), with_kwargs=True)
     out = {}
     try:
-        for batched in (False, True):
-            pipe._plan = _plan(batched)
+        for scheme in ('sequential', 'batched', 'interleaved'):
+            pipe._plan = _plan(scheme)
             with torch.no_grad():
-                out[batched] = pipe._predict_noise(model, latents, torch.tensor(950), ctx,
-                                                   ctx_null, 96, 4.0)
+                out[scheme] = pipe._predict_noise(model, latents, torch.tensor(950), ctx,
+                                                  ctx_null, 96, 4.0)
     finally:
         pipe._plan = None
         h.remove()
+    # interleaved runs the two batch-1 passes through forward_passes (no forward() call)
     assert seen == [(1, (1,)), (1, (1,)), (2, (2,))]
-    assert out[True].shape == (16, 3, 8, 16)
-    assert rel_err(out[True], out[False]) < 1e-5
+    assert out['batched'].shape == (16, 3, 8, 16)
+    assert rel_err(out['batched'], out['sequential']) < 1e-5
+    # two passes block by block: the same operations as one after the other, bit for bit
+    assert torch.equal(out['interleaved'], out['sequential'])
+    out[True] = out['batched']
     # and it is the guided combination, not one branch
     with torch.no_grad():
         c = model([latents], t=torch.tensor([950]), context=[ctx], seq_len=96)[0]
@@ -391,74 +395,68 @@ def test_optimize_pipeline_api(cfg32):
         OptimizationConfig(compile_mode='fastest')
 
 
-def test_plan_for_uses_free_memory_and_raises_when_nothing_fits(cfg32, monkeypatch):
-    """plan_for on a (simulated) GPU: free memory + our own resident weights is the budget."""
+def test_plan_for_on_a_simulated_gpu(cfg32, monkeypatch):
+    """plan_for on a (simulated) GPU with A14B-sized experts: what is free plus our own
+    models is the budget; offload_model=True streams both experts; a budget smaller than the
+    activations is refused in one line before anything moves."""
     import wan.text2video_optimized as opt
-    pipe = WanT2VOptimized.__new__(WanT2VOptimized)
-    a14b = EasyDict(copy.deepcopy(dict(cfg32)))
-    a14b.update(dim=5120, ffn_dim=13824, num_layers=40)
-    pipe.config, pipe.t5_cpu = a14b, False
+    from wan.utils.memory_plan import ModelSizes, PlacementError
+    pipe = build_optimized(cfg32, per_sample_time=True)
     pipe.device = torch.device('cuda:0')
-    pipe.opt = OptimizationConfig()
+    seen = {}
+    monkeypatch.setattr(pipe, '_model_sizes', lambda steps, experts=None: (
+        seen.setdefault('steps', steps), ModelSizes.a14b(steps))[1])
+    monkeypatch.setattr(pipe, '_our_bytes', lambda: (0, 0))
+    free = {'gpu': 79.1 * GiB}
+    monkeypatch.setattr(opt, 'usable_gpu_bytes', lambda device, cap: free['gpu'])
+    monkeypatch.setattr(opt, 'usable_host_bytes', lambda: 120 * GiB)
 
-    class Fake(torch.nn.Module):
-        def __init__(self, nbytes):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.empty(nbytes // 2, dtype=torch.bfloat16,
-                                                    device='meta'))
-
-    expert = int(26.6 * GiB)
-    pipe.low_noise_model, pipe.high_noise_model = Fake(expert), Fake(expert)
-    pipe.text_encoder = SimpleNamespace(model=Fake(int(10.6 * GiB)))
-    free, cached = {}, {'reserved': 0, 'allocated': 0}
-    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (free['v'], 80 * GiB))
-    monkeypatch.setattr(torch.cuda, 'memory_reserved', lambda device=None: cached['reserved'])
-    monkeypatch.setattr(torch.cuda, 'memory_allocated',
-                        lambda device=None: cached['allocated'])
-
-    free['v'] = 79.1 * GiB
     plan = pipe.plan_for((1280, 720), 81)
-    assert plan.fits and plan.experts_resident and not plan.batched_cfg
-    assert not pipe.plan_for((832, 480), 81).batched_cfg  # off by default (opt-in)
+    assert plan.fits and plan.all_resident and not plan.batched_cfg
+    assert seen['steps'] == (26, 14)  # the config's 40-step schedule at the boundary
     assert pipe.plan_for((832, 480), 81, batched_cfg=True).batched_cfg
-    # offload_model=True (the reference's offloading) never keeps both experts resident
-    assert not pipe.plan_for((832, 480), 81, offload_model=True).experts_resident
-    assert not pipe.plan_for((832, 480), 81, batched_cfg=False).batched_cfg
-    # blocks the caching allocator reserved but does not use count as free
-    free['v'] = 66 * GiB  # both experts + batch-1 activations need ~67.7 GiB
-    assert not pipe.plan_for((1280, 720), 81).experts_resident
-    cached.update(reserved=int(12 * GiB), allocated=int(2.9 * GiB))
-    assert pipe.plan_for((1280, 720), 81).experts_resident
-    cached.update(reserved=0, allocated=0)
-    free['v'] = 10 * GiB
-    with pytest.raises(torch.cuda.OutOfMemoryError, match='does not fit'):
-        pipe.plan_for((1280, 720), 81)
-    assert opt.plan_memory is plan_memory
+    assert pipe.plan_for((832, 480), 81, offload_model=True).streamed == (
+        'high_noise', 'low_noise')
+    free['gpu'] = 24 * GiB
+    plan = pipe.plan_for((1280, 720), 81, steps=(2, 2))
+    assert plan.fits and plan.streamed == ('high_noise', 'low_noise')
+    assert {e.cfg for e in plan.experts} == {'interleaved'}  # one block copy per step
+    free['gpu'] = 8 * GiB
+    plan = pipe.plan_for((1280, 720), 81)
+    assert not plan.fits and 'activations' in plan.error
+    with pytest.raises(PlacementError, match='GPU budget'):
+        plan.raise_if_unfit()
 
 
-def test_decode_beside_experts_follows_the_measured_probe(monkeypatch):
-    """decode() keeps the experts on the GPU when the probe's measured peak plus the output
-    video fits in the memory free now, and moves them out otherwise (or with no probe)."""
-    pipe = WanT2VOptimized.__new__(WanT2VOptimized)
-    pipe.vae_stride = (4, 8, 8)
-    pipe.device = torch.device('cuda')
-    x0 = torch.zeros(16, 21, 90, 160)  # 1280x720, 81 frames
-    video = 3 * 81 * 720 * 1280 * 4
-    GiB = 2**30
-    free = {'now': 30 * GiB}
-    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (free['now'], 80 * GiB))
-    monkeypatch.setattr(torch.cuda, 'memory_reserved', lambda device=None: 5 * GiB)
-    monkeypatch.setattr(torch.cuda, 'memory_allocated', lambda device=None: 5 * GiB)
-    pipe._vae_probe = {}
-    assert not pipe._decode_fits_beside_experts(x0)  # never probed at this size
-    pipe._vae_probe = {(90, 160): None}
-    assert not pipe._decode_fits_beside_experts(x0)  # the probe itself ran out of memory
-    pipe._vae_probe = {(90, 160): 20 * GiB}
-    assert pipe._decode_fits_beside_experts(x0)
-    free['now'] = 20 * GiB + 3 * video + GiB - 1
-    assert not pipe._decode_fits_beside_experts(x0)
-    free['now'] += 1
-    assert pipe._decode_fits_beside_experts(x0)
+def test_measured_decode_probe_feeds_the_plan_and_decode_evicts_what_it_says(cfg32,
+                                                                             monkeypatch):
+    """The probe's measured peak (plus the whole output video, held ~3 times while it is
+    assembled) replaces the planner's per-pixel estimate; decode() moves out exactly the
+    experts the plan lists, and remembers them for the next call."""
+    import wan.text2video_optimized as opt
+    pipe = build_optimized(cfg32, per_sample_time=True)
+    pipe.device = torch.device('cuda:0')
+    captured = {}
+    monkeypatch.setattr(opt, 'usable_gpu_bytes', lambda device, cap: 40 * GiB)
+    monkeypatch.setattr(opt, 'usable_host_bytes', lambda: 64 * GiB)
+    real = opt.plan_memory
+
+    def spy(*a, **k):
+        captured.update(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(opt, 'plan_memory', spy)
+    pipe.plan_for(SIZE, FRAMES)
+    assert captured['vae_decode_bytes_measured'] is None  # never probed at this size
+    pipe._vae_probe[(8, 16)] = 5 * 2**20
+    pipe.plan_for(SIZE, FRAMES)
+    assert captured['vae_decode_bytes_measured'] == 5 * 2**20 + 3 * (3 * FRAMES * 128 * 64 * 4)
+
+    monkeypatch.setattr(torch.cuda, 'empty_cache', lambda: None)
+    pipe._plan = replace(pipe.plan_for(SIZE, FRAMES), decode_leaves=('low_noise',))
+    video = pipe.decode(torch.zeros(16, 3, 8, 16))
+    assert video.shape == (3, FRAMES, 64, 128) and pipe._evicted == {'low_noise'}
+    pipe._plan = None
 
 
 def test_vae_probe_is_gpu_only(opt_pipe):

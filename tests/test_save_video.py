@@ -1,4 +1,4 @@
-"""Tests of wan.utils.utils: save_video (REFERENCE.md §8.2) and str2bool."""
+"""Tests of wan.utils.utils: save_video (docs/PIPELINE.md#saving-the-video) and str2bool."""
 
 from __future__ import annotations
 

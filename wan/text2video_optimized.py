@@ -33,23 +33,43 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from .modules.attention import attention, available_backends
+from .modules.model import WanModel
 from .optimizations import (COMPILE_MODES, OptimizationConfig, apply_passes, backend_flags,
                             is_fsdp, weight_dtype_mode)
 from .text2video import WanT2V
-from .utils.memory_plan import MemoryPlan, log_plan, plan_memory
+from .utils.block_streaming import (StreamingBlockRunner, make_place, stream_blocks,
+                                    unstream_blocks)
+from .utils.dtype_policy import dtype_rule
+from .utils.memory_plan import (STREAMED, MemoryPlan, ModelSizes, cpu_plan, log_plan,
+                                plan_memory)
 from .utils.offload import PinnedOffload
+from .utils.placement import apply_gpu_cap, usable_gpu_bytes, usable_host_bytes
+from .utils.random_init import build_on_meta
+from .utils.timing import Timer
+from .utils.validation import check_generation_args
 
 __all__ = ['WanT2VOptimized', 'OptimizationConfig', 'optimize_pipeline', 'COMPILE_MODES']
 
+# the experts by the planner's names, in run order (high noise first)
+EXPERTS = (('high_noise', 'high_noise_model'), ('low_noise', 'low_noise_model'))
+
+
 class WanT2VOptimized(WanT2V):
-    """Drop-in WanT2V with exact-math speed-ups (see the module docstring)."""
+    """Drop-in WanT2V with exact-math speed-ups (see the module docstring).
+
+    Keyword-only additions: `gpu_memory_gib` caps the GPU memory the pipeline may use
+    (enforced on the caching allocator: a smaller GPU emulated on a large one, or a GPU
+    shared with other work); `plan_size` = ((W, H), frame_num) is the video the models are
+    placed for while they load (default the largest, 1280*720 x 81 frames; a later generate()
+    at another size re-plans and moves what must move).
+    """
 
     def __init__(self,
                  config,
@@ -72,11 +92,24 @@ class WanT2VOptimized(WanT2V):
                  random_init_seed: int = 0,
                  device: Optional[Union[str, torch.device]] = None,
                  cfg_parallel: bool = False,
-                 ulysses_size: Optional[int] = None):
-        # set before the models are built: the experts load in its dtype policy
+                 ulysses_size: Optional[int] = None,
+                 gpu_memory_gib: Optional[float] = None,
+                 plan_size: Optional[Tuple[Tuple[int, int], int]] = None):
+        # set before the models are built: the experts load in its dtype policy and where
+        # the load-time plan puts them
         self.opt = optimizations or OptimizationConfig(compile=enable_compile,
                                                        compile_mode=compile_mode,
                                                        tf32=enable_tf32, attention=attention)
+        self.gpu_memory_gib = gpu_memory_gib
+        self._plan_size = plan_size or ((1280, 720), 81)
+        self._load_plan: Optional[MemoryPlan] = None
+        self._streaming: Dict[str, StreamingBlockRunner] = {}
+        self._slots: Optional[List[torch.Tensor]] = None
+        target = WanT2V.resolve_device(device, device_id)
+        if target.type == 'cuda' and gpu_memory_gib is not None:
+            fraction = apply_gpu_cap(target, gpu_memory_gib)
+            logging.info('GPU memory capped at %.1f GiB (%.3f of %s)', gpu_memory_gib,
+                         fraction, torch.cuda.get_device_name(target))
         super().__init__(config, checkpoint_dir, device_id=device_id, rank=rank,
                          t5_fsdp=t5_fsdp, dit_fsdp=dit_fsdp, use_sp=use_sp, t5_cpu=t5_cpu,
                          init_on_cpu=init_on_cpu, convert_model_dtype=convert_model_dtype,
@@ -94,6 +127,10 @@ class WanT2VOptimized(WanT2V):
         new = cls.__new__(cls)
         new.__dict__.update(vars(pipe))
         new.opt = optimizations
+        new.gpu_memory_gib = None
+        new._plan_size = ((1280, 720), 81)
+        new._load_plan = None
+        new._streaming, new._slots = {}, None
         new._optimize()
         return new
 
@@ -107,6 +144,7 @@ class WanT2VOptimized(WanT2V):
         # latent (H', W') -> peak bytes of a short probe decode (None: it ran out of memory)
         self._vae_probe: Dict[Tuple[int, int], Optional[int]] = {}
         self._plan: Optional[MemoryPlan] = None
+        self._evicted: set = set()  # experts whose GPU weights left for a decode
         on_cuda = self.device.type == 'cuda'
         # CUDA only: cuDNN's native layout; on the CPU channels-last convs are slower
         self.vae.set_channels_last(opts.vae_channels_last and on_cuda)
@@ -128,38 +166,181 @@ class WanT2VOptimized(WanT2V):
         with backend_flags(self.opt, self.device):
             yield
 
-    # ------------------------------------------------------------------ memory plan
-    def plan_for(self, size: Tuple[int, int], frame_num: int,
-                 offload_model: bool = False, batched_cfg: Optional[bool] = None) -> MemoryPlan:
-        """The placement plan for one generate() call (logged)."""
-        want_batched = self.opt.batched_cfg if batched_cfg is None else batched_cfg
-        # CFG parallelism: one pass per rank, never a batch of two
-        want_batched = want_batched and not getattr(self, 'cfg_parallel', False)
-        want_resident = not offload_model
-        if self.device.type != 'cuda':
-            plan = MemoryPlan(fits=True, experts_resident=True, batched_cfg=want_batched,
-                              t5_on_gpu=False, t5_offload_after_encode=False,
-                              offload_experts_before_decode=False, budget_gib=0.0,
-                              notes=['CPU run: no GPU memory to plan'])
-            return plan
-        expert_bytes = max(_param_bytes(self.low_noise_model),
-                           _param_bytes(self.high_noise_model))
-        free = _free_gpu_bytes(self.device)
-        # memory already held by our own models on the GPU is available to the plan
-        ours = sum(_param_bytes(m, on_device=self.device) for m in (
-            self.low_noise_model, self.high_noise_model, self.text_encoder.model))
-        c = self.config
-        plan = plan_memory(free + ours, size, frame_num, dim=c.dim, ffn_dim=c.ffn_dim,
-                           num_layers=c.num_layers, expert_bytes=expert_bytes,
-                           t5_bytes=_param_bytes(self.text_encoder.model), t5_cpu=self.t5_cpu,
-                           want_batched_cfg=want_batched, want_resident=want_resident,
-                           per_token_time=not self.opt.per_sample_time)
-        if not plan.fits:
-            raise torch.cuda.OutOfMemoryError(
-                f'not enough GPU memory for {size[0]}x{size[1]}, {frame_num} frames: '
-                + plan.describe())
-        return plan
+    # ------------------------------------------------------------------ placement
+    @property
+    def plans_placement(self) -> bool:
+        """One process on one GPU: the planner places (and may stream) the models. Under
+        Ulysses, FSDP or CFG parallelism every rank keeps its models resident."""
+        return self.device.type == 'cuda' and self.sp_size == 1 and not self.cfg_parallel and \
+            not any(is_fsdp(m) for m in self._built_experts())
 
+    def _built_experts(self):
+        return [m for m in (getattr(self, 'low_noise_model', None),
+                            getattr(self, 'high_noise_model', None)) if m is not None]
+
+    def _meta_expert(self) -> WanModel:
+        """An expert built on the meta device with the dtypes it will be stored in."""
+        model = build_on_meta(lambda: WanModel(**self._dit_kwargs()))
+        _cast_meta_(model, dtype_rule(WanModel, self.expert_dtype_mode(), self.param_dtype))
+        return model
+
+    def step_split(self, sample_solver: str, sampling_steps: int, shift: float
+                   ) -> Tuple[int, int]:
+        """(high-noise steps, low-noise steps) of a schedule at this pipeline's boundary."""
+        _, ts = self.make_scheduler(sample_solver, sampling_steps, shift, 'cpu',
+                                    self.num_train_timesteps)
+        high = int((ts >= self.boundary * self.num_train_timesteps).sum())
+        return high, len(ts) - high
+
+    def _model_sizes(self, steps: Tuple[int, int], experts=None) -> ModelSizes:
+        experts = experts or {name: getattr(self, attr) for name, attr in EXPERTS}
+        return ModelSizes.from_modules(
+            [(name, experts[name], n) for (name, _), n in zip(EXPERTS, steps)],
+            self.text_encoder.model, self.vae.model)
+
+    def _our_bytes(self) -> Tuple[int, int]:
+        """(GPU, host) bytes our own models occupy now: the planner may reuse them."""
+        gpu = host = 0
+        tensors = [t for m in (*self._built_experts(), self.text_encoder.model,
+                               self.vae.model) for t in (*m.parameters(), *m.buffers())]
+        for t in {id(t): t for t in tensors}.values():
+            n = t.numel() * t.element_size()
+            if t.device.type == 'cuda':
+                gpu += n
+            else:
+                host += n
+        gpu += sum(s.numel() for s in self._slots or ())
+        return gpu, host
+
+    def plan_for(self, size: Tuple[int, int], frame_num: int, offload_model: bool = False,
+                 batched_cfg: Optional[bool] = None,
+                 steps: Optional[Tuple[int, int]] = None) -> MemoryPlan:
+        """The placement plan for one generate() call (wan/utils/memory_plan.py): per expert
+        resident or streamed, the CFG scheme, T5's placement, what leaves before the decode.
+        `offload_model=True` streams every expert. `steps`: (high, low) step counts (default:
+        the config's schedule)."""
+        want_batched = self.opt.batched_cfg if batched_cfg is None else batched_cfg
+        steps = steps or self.step_split('unipc', self.config.sample_steps,
+                                         self.config.sample_shift)
+        sizes = self._model_sizes(steps)
+        if self.device.type != 'cuda':
+            return cpu_plan(sizes, want_batched and not self.cfg_parallel, self.cfg_parallel)
+        ours_gpu, ours_host = self._our_bytes()
+        probe = self._vae_probe.get(self.target_shape(size, 9)[2:])
+        return plan_memory(
+            usable_gpu_bytes(self.device, self.gpu_memory_gib) + ours_gpu,
+            usable_host_bytes() + ours_host, size, frame_num, sizes,
+            want_batched_cfg=want_batched, want_resident=not offload_model, t5_cpu=self.t5_cpu,
+            t5_streaming=False, per_sample_time=self.opt.per_sample_time,
+            cfg_parallel=self.cfg_parallel,
+            vae_decode_bytes_measured=None if probe is None else
+            probe + 3 * _video_bytes(size, frame_num))
+
+    def _initial_plan(self) -> MemoryPlan:
+        """Where the experts go while they load (planned once, for `plan_size`)."""
+        if self._load_plan is None:
+            size, frames = self._plan_size
+            steps = self.step_split('unipc', self.config.sample_steps, self.config.sample_shift)
+            meta = {name: self._meta_expert() for name, _ in EXPERTS}
+            sizes = self._model_sizes(steps, meta)
+            ours_gpu, ours_host = self._our_bytes()
+            plan = plan_memory(usable_gpu_bytes(self.device, self.gpu_memory_gib) + ours_gpu,
+                               usable_host_bytes() + ours_host, size, frames, sizes,
+                               want_batched_cfg=self.opt.batched_cfg, t5_cpu=self.t5_cpu,
+                               t5_streaming=False, per_sample_time=self.opt.per_sample_time)
+            plan.raise_if_unfit()
+            logging.info('load placement (planned for %dx%d, %d frames): %s', size[0],
+                         size[1], frames, plan.describe())
+            self._load_plan = plan
+        return self._load_plan
+
+    def _new_runner(self, blocks: nn.ModuleList) -> StreamingBlockRunner:
+        """A streaming runner for `blocks`, sharing one pair of GPU slots between experts
+        (only one expert runs at a time)."""
+        runner = StreamingBlockRunner(blocks, self.device, self._slots)
+        self._slots = runner.slots
+        return runner
+
+    def _build_expert(self, subfolder, checkpoint_dir, seed, use_sp, dit_fsdp, shard_fn,
+                      convert_model_dtype) -> nn.Module:
+        """Load straight to the final placement, each tensor in its stored dtype: a resident
+        expert from the file (or the random generator) to the GPU, a streamed one's blocks
+        into one page-locked host buffer (its other weights to the GPU)."""
+        if self.device.type != 'cuda' or use_sp or dit_fsdp or self.cfg_parallel:
+            return super()._build_expert(subfolder, checkpoint_dir, seed, use_sp, dit_fsdp,
+                                         shard_fn, convert_model_dtype)
+        name = 'high_noise' if subfolder == self.config.high_noise_checkpoint else 'low_noise'
+        streamed = self._initial_plan().expert(name).placement == STREAMED
+        rule = dtype_rule(WanModel, self.expert_dtype_mode(), self.param_dtype)
+        runner: List[StreamingBlockRunner] = []
+
+        def before_load(model: WanModel) -> None:
+            _cast_meta_(model, rule)
+            runner.append(self._new_runner(model.blocks))
+
+        def place(tensor_name: str, tensor: torch.Tensor) -> torch.Tensor:
+            return make_place(runner[0], self.device)(tensor_name, tensor)
+
+        hooks = dict(before_load=before_load, place=place) if streamed else {}
+        logging.info('Creating WanModel %s (%s)', subfolder,
+                     'streamed from page-locked host memory' if streamed else
+                     'resident on the GPU')
+        if self.random_init:
+            model = WanModel.from_random(seed=seed, device=self.device, dtype_rule=rule,
+                                         **hooks, **self._dit_kwargs())
+        else:
+            model = WanModel.from_pretrained(checkpoint_dir, subfolder=subfolder,
+                                             device=self.device, dtype_rule=rule, **hooks)
+        if streamed:
+            runner[0].pin()
+            model.block_runner = runner[0]
+            self._streaming[name] = runner[0]
+        return self._configure_model(model, use_sp, dit_fsdp, shard_fn, convert_model_dtype)
+
+    def _place_expert(self, model: nn.Module) -> None:
+        if self.device.type != 'cuda' or self.sp_size > 1 or self.cfg_parallel:
+            super()._place_expert(model)
+        # else: _build_expert loaded it where the plan wants it
+
+    def _apply_plan(self, plan: MemoryPlan) -> None:
+        """Move what the plan places differently from now: stream or unstream experts, bring
+        back experts that left for the last decode, T5 to its place, drop unused slots."""
+        if not self.plans_placement:
+            return
+        for name, attr in EXPERTS:
+            model = getattr(self, attr)
+            want = plan.expert(name).placement
+            if want == STREAMED and name not in self._streaming:
+                logging.info('%s: now streamed from host memory', name)
+                self._streaming[name] = stream_blocks(model, self.device, self._slots)
+                self._slots = self._streaming[name].slots
+            elif want != STREAMED and name in self._streaming:
+                logging.info('%s: now resident on the GPU', name)
+                del self._streaming[name]
+                unstream_blocks(model, self.device)
+            if name in self._evicted:
+                self._weights_to(name, self.device)
+        if not self._streaming:
+            self._slots = None
+        self._t5_follow_plan(plan)
+        torch.cuda.empty_cache()
+
+    def _weights_to(self, name: str, device) -> None:
+        """An expert's GPU-side weights (all of them when resident, the non-block ones when
+        streamed) to `device`."""
+        model = getattr(self, dict(EXPERTS)[name])
+        block_params = {id(p) for p in model.blocks.parameters()} \
+            if name in self._streaming else set()
+        for p in model.parameters():
+            if id(p) not in block_params:
+                p.data = p.data.to(device)
+        model.freqs = model.freqs.to(device)
+        if torch.device(device).type == 'cpu':
+            self._evicted.add(name)
+        else:
+            self._evicted.discard(name)
+
+    # ------------------------------------------------------------------ warm-up
     @torch.no_grad()
     def warm_up(self, size: Tuple[int, int], frame_num: int,
                 batched_cfg: Optional[bool] = None) -> float:
@@ -172,10 +353,11 @@ class WanT2VOptimized(WanT2V):
     def _warm_up(self, size, frame_num, batched_cfg) -> float:
         t0 = time.perf_counter()
         plan = self.plan_for(size, frame_num, offload_model=False, batched_cfg=batched_cfg)
+        plan.raise_if_unfit()
+        self._apply_plan(plan)
         shape = self.target_shape(size, frame_num)
         seq_len = self.seq_len_for(shape)
         batch = 2 if plan.batched_cfg else 1
-        self._t5_follow_plan(plan)
         # under Ulysses each rank's cross-attention sees its own share of the tokens
         self._pick_cross_attention_kernel(batch, seq_len // self.sp_size)
         lat = torch.zeros(*shape, device=self.device)
@@ -185,15 +367,8 @@ class WanT2VOptimized(WanT2V):
         with self._autocast():
             for model, t in ((self.high_noise_model, self.num_train_timesteps - 1),
                              (self.low_noise_model, 0)):
-                moved = next(model.parameters()).device != self.device
-                if plan.experts_resident:
-                    self._experts_to(self.device)
-                else:
-                    model.to(self.device)
                 model([lat] * batch, t=torch.full((batch,), t, device=self.device),
                       context=[ctx] * batch, seq_len=seq_len)
-                if moved and not plan.experts_resident:
-                    model.to('cpu')
         self._probe_vae(size)
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
@@ -207,13 +382,12 @@ class WanT2VOptimized(WanT2V):
         """Decode a 3-latent-frame clip at this size, once per size and process, on the rank
         that decodes. With cuDNN autotuning on, every decoder conv shape is tuned here (every
         later chunk of a decode repeats these shapes); and the decode's peak memory beside
-        whatever is resident is measured instead of estimated, so that decode() can keep the
-        experts on the GPU when the planner's estimate was pessimistic. (It resets the CUDA
-        peak-memory statistics of this device.)"""
+        whatever is resident is measured instead of estimated, for the planner (it resets
+        the CUDA peak-memory statistics of this device)."""
         if self.device.type != 'cuda' or self.rank != 0:
             return
         shape = self.target_shape(size, 9)  # (C, 3, H', W')
-        key = (shape[2], shape[3])
+        key = shape[2:]
         if key in self._vae_probe:
             return
         torch.cuda.empty_cache()
@@ -231,18 +405,6 @@ class WanT2VOptimized(WanT2V):
                      size[0], size[1], time.perf_counter() - t0,
                      'out of memory' if peak is None else f'{peak / 2**30:.1f} GiB')
 
-    def _decode_fits_beside_experts(self, x0: torch.Tensor) -> bool:
-        """The probe's per-chunk peak plus the whole output video (held about three times
-        over: the chunk list, the concatenation, the contiguous copy) and 1 GiB to spare,
-        against the GPU memory free now."""
-        peak = self._vae_probe.get((x0.shape[-2], x0.shape[-1]))
-        if peak is None:
-            return False
-        frames = 1 + self.vae_stride[0] * (x0.shape[1] - 1)
-        video = 3 * frames * x0.shape[-2] * self.vae_stride[1] * x0.shape[-1] * \
-            self.vae_stride[2] * 4
-        return peak + 3 * video + 2**30 <= _free_gpu_bytes(self.device)
-
     def _pick_cross_attention_kernel(self, batch: int, tokens: int) -> None:
         """With attention='auto', time the fast kernels on the real cross-attention shape
         (video tokens x 512 text keys) and keep the faster; the self-attention pick does not
@@ -257,15 +419,14 @@ class WanT2VOptimized(WanT2V):
         k, v = (torch.randn(shape_k, device=self.device, dtype=torch.bfloat16)
                 for _ in range(2))
         times = {}
+        timer = Timer(self.device)
         for backend in candidates:
             attention(q, k, v, backend=backend)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(3):
-                attention(q, k, v, backend=backend)
-            end.record()
-            torch.cuda.synchronize(self.device)
-            times[backend] = start.elapsed_time(end) / 3
+            runs: List[float] = []
+            with timer(runs):
+                for _ in range(3):
+                    attention(q, k, v, backend=backend)
+            times[backend] = runs[0] * 1e3 / 3
         best = min(times, key=times.get)
         if dist.is_available() and dist.is_initialized():
             # one kernel on every rank (timings differ a little between GPUs)
@@ -279,19 +440,20 @@ class WanT2VOptimized(WanT2V):
 
     # ------------------------------------------------------------------ hooks
     def _prepare_model_for_timestep(self, t, boundary, offload_model):
-        if self._plan is not None and self._plan.experts_resident:
-            self._experts_to(self.device)
-            return self.high_noise_model if t.item() >= boundary else self.low_noise_model
-        return super()._prepare_model_for_timestep(t, boundary, True)
+        if self._plan is None or not self.plans_placement:
+            return super()._prepare_model_for_timestep(t, boundary, offload_model)
+        # resident experts stay, streamed ones bring their blocks in as they run
+        return self.high_noise_model if t.item() >= boundary else self.low_noise_model
 
     def _encode_text(self, prompts, offload_model):
         plan = self._plan
+        t5_on_gpu = plan is not None and plan.t5 in ('gpu', 'gpu_then_freed')
         out = []
         for p in prompts:
             if self.opt.prompt_cache and p in self._prompt_cache:
                 out.append(self._prompt_cache[p])
                 continue
-            if plan is not None and plan.t5_on_gpu:
+            if t5_on_gpu:
                 self._t5_to(self.device)
                 ctx = self.text_encoder([p], self.device)[0]
             elif self.device.type == 'cuda':
@@ -302,14 +464,13 @@ class WanT2VOptimized(WanT2V):
             if self.opt.prompt_cache:
                 self._prompt_cache[p] = ctx
             out.append(ctx)
-        if plan is not None and plan.t5_on_gpu and (plan.t5_offload_after_encode or
-                                                    offload_model):
+        if t5_on_gpu and plan.t5 == 'gpu_then_freed':
             self._t5_to('cpu')
         return out
 
     def _t5_follow_plan(self, plan: MemoryPlan) -> None:
         """A T5 left on the GPU by an earlier call leaves when this plan has no room for it."""
-        if not plan.t5_on_gpu or plan.t5_offload_after_encode:
+        if plan.t5 != 'gpu':
             self._t5_to('cpu')
 
     def _t5_to(self, device) -> None:
@@ -323,16 +484,27 @@ class WanT2VOptimized(WanT2V):
         elif not offload.on_device:
             offload.to_device(torch.device(device))
 
+    def _expert_name(self, model) -> str:
+        return 'high_noise' if model is self.high_noise_model else 'low_noise'
+
     def _predict_noise(self, model, latents, t, context, context_null, seq_len, guide_scale):
         if self.opt.cfg_skip and guide_scale == 1.0 and not self.cfg_parallel:
             # uncond + 1.0 * (cond - uncond) is cond, up to fp32 rounding: one pass
             return model([latents], t=torch.stack([t]), context=[context], seq_len=seq_len)[0]
-        # CFG parallelism (handled by WanT2V._predict_noise) wins over batched CFG
-        if self._plan is None or not self._plan.batched_cfg or self.cfg_parallel:
+        scheme = 'sequential' if self._plan is None else \
+            self._plan.expert(self._expert_name(model)).cfg
+        if scheme == 'batched' and not self.cfg_parallel:
+            cond, uncond = model([latents, latents], t=torch.stack([t, t]),
+                                 context=[context, context_null], seq_len=seq_len)
+        elif scheme == 'interleaved' and not self.cfg_parallel:
+            # two batch-1 passes run block by block: a streamed block is copied in once
+            timestep = torch.stack([t])
+            (cond,), (uncond,) = model.forward_passes(
+                [([latents], timestep, [context]), ([latents], timestep, [context_null])],
+                seq_len)
+        else:  # two batch-1 passes as upstream, or CFG parallelism
             return super()._predict_noise(model, latents, t, context, context_null, seq_len,
                                           guide_scale)
-        cond, uncond = model([latents, latents], t=torch.stack([t, t]),
-                             context=[context, context_null], seq_len=seq_len)
         return uncond + guide_scale * (cond - uncond)
 
     def decode(self, x0):
@@ -340,32 +512,20 @@ class WanT2VOptimized(WanT2V):
             return super().decode(x0)
         # cached activation blocks of the DiT are the wrong shapes for the VAE: return them
         torch.cuda.empty_cache()
-        if self._plan is not None and self._plan.offload_experts_before_decode:
-            if self._decode_fits_beside_experts(x0):
-                # the measured decode fits: moving 53 GB of experts to the host and back
-                # would cost more than the decode itself
-                logging.info('VAE decode beside the resident experts (probe measured it fits)')
-            else:
-                self._offload_experts()
+        if self._plan is not None and self.plans_placement:
+            for name in self._plan.decode_leaves:
+                self._weights_to(name, 'cpu')
+            torch.cuda.empty_cache()
         try:
             return super().decode(x0)
         except torch.cuda.OutOfMemoryError:
             # the estimate was optimistic for this GPU: make room rather than fail
             logging.warning('VAE decode ran out of GPU memory beside the experts; moving the '
-                            'experts to the CPU and decoding again')
-            self._offload_experts()
+                            'experts off the GPU and decoding again')
+            for name, _ in EXPERTS:
+                self._weights_to(name, 'cpu')
+            torch.cuda.empty_cache()
             return super().decode(x0)
-
-    def _offload_experts(self) -> None:
-        self._experts_to('cpu')
-        torch.cuda.empty_cache()
-
-    def _experts_to(self, device) -> None:
-        # Plain moves: pinning 53 GiB of host memory took 95 s on the H100 machine, more than
-        # it saves (see OPTIMIZATION_ANALYSIS.md).
-        for m in (self.low_noise_model, self.high_noise_model):
-            if not is_fsdp(m) and next(m.parameters()).device != torch.device(device):
-                m.to(device)
 
     # ------------------------------------------------------------------ generate
     def generate(self,
@@ -381,9 +541,10 @@ class WanT2VOptimized(WanT2V):
                  offload_model: bool = True,
                  *,
                  use_batched_cfg: Optional[bool] = None) -> Optional[torch.Tensor]:
-        """As WanT2V.generate. `offload_model=True` keeps the reference's offloading (experts
-        swapped in the loop and moved to the CPU afterwards); `False` lets the memory plan
-        keep everything resident. `use_batched_cfg` overrides the batched-CFG toggle."""
+        """As WanT2V.generate. The memory planner places the models for this call:
+        `offload_model=True` streams both experts' blocks from page-locked host memory (never
+        whole-expert swaps); `False` keeps whatever fits resident. `use_batched_cfg`
+        overrides the batched-CFG toggle."""
         with self._call_scope():
             return self._generate_planned(input_prompt, size, frame_num, shift, sample_solver,
                                           sampling_steps, guide_scale, n_prompt, seed,
@@ -392,14 +553,15 @@ class WanT2VOptimized(WanT2V):
     def _generate_planned(self, input_prompt, size, frame_num, shift, sample_solver,
                           sampling_steps, guide_scale, n_prompt, seed, offload_model,
                           use_batched_cfg):
-        self._plan = self.plan_for(size, frame_num, offload_model, use_batched_cfg)
+        check_generation_args(size=size, frame_num=frame_num, shift=shift,
+                              sample_solver=sample_solver, sampling_steps=sampling_steps,
+                              seed=seed, num_train_timesteps=self.num_train_timesteps)
+        steps = self.step_split(sample_solver, sampling_steps, shift)
+        self._plan = self.plan_for(size, frame_num, offload_model, use_batched_cfg, steps)
         log_plan(self._plan)
-        self._t5_follow_plan(self._plan)
-        if self._plan.experts_resident:
-            self._probe_vae(size)  # no-op after warm_up() or an earlier call at this size
-        if self._plan.experts_resident:
-            # before the loop, so that no step pays for a host-to-device copy
-            self._experts_to(self.device)
+        self._plan.raise_if_unfit()
+        self._apply_plan(self._plan)
+        self._probe_vae(size)  # no-op after warm_up() or an earlier call at this size
         try:
             return super().generate(input_prompt, size=size, frame_num=frame_num, shift=shift,
                                     sample_solver=sample_solver, sampling_steps=sampling_steps,
@@ -409,18 +571,17 @@ class WanT2VOptimized(WanT2V):
             self._plan = None
 
 
-def _free_gpu_bytes(device: torch.device) -> int:
-    """Free GPU memory, counting blocks the caching allocator holds but does not use."""
-    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
-        torch.cuda.memory_allocated(device)
+def _video_bytes(size: Tuple[int, int], frame_num: int) -> int:
+    """One decoded fp32 video (3, F, H, W)."""
+    return 3 * frame_num * size[0] * size[1] * 4
 
 
-def _param_bytes(module: nn.Module, on_device: Optional[torch.device] = None) -> int:
-    total = 0
-    for p in module.parameters():
-        if on_device is None or p.device == on_device:
-            total += p.numel() * p.element_size()
-    return total
+def _cast_meta_(model: nn.Module, rule) -> None:
+    """Give a meta-device model's tensors the dtypes `rule` stores them in."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        dtype = rule(name, t)
+        if t.dtype != dtype:
+            t.data = t.data.to(dtype)
 
 
 def optimize_pipeline(pipe: WanT2V, **toggles) -> WanT2VOptimized:

@@ -28,7 +28,8 @@ from torch import nn
 from ..modules.model import BlockInputs, BlockRunner
 from .host_memory import HostArena
 
-__all__ = ['BlockLayout', 'StreamingBlockRunner', 'stream_blocks', 'make_place']
+__all__ = ['BlockLayout', 'StreamingBlockRunner', 'stream_blocks', 'make_place',
+           'unstream_blocks']
 
 ALIGN = 256  # bytes: every tensor view starts on a 256-byte boundary (GEMM/TMA friendly)
 
@@ -83,7 +84,10 @@ class StreamingBlockRunner(BlockRunner):
     two slots on `device`. Use `place` while loading to write each tensor straight into the
     host buffer, or `adopt` to move already materialised blocks there."""
 
-    def __init__(self, blocks: nn.ModuleList, device: torch.device | str):
+    def __init__(self, blocks: nn.ModuleList, device: torch.device | str,
+                 slots: Optional[List[torch.Tensor]] = None):
+        """`slots`: two flat uint8 GPU buffers to share with another streamed model of the
+        same block layout (only one model runs at a time); default: new ones."""
         self.device = torch.device(device)
         self.layout = BlockLayout(blocks[0])
         for i, block in enumerate(blocks):
@@ -97,8 +101,11 @@ class StreamingBlockRunner(BlockRunner):
         self.host = self._arena.take((n * size,), torch.uint8)
         self.host_views = [self.layout.views(self.host[i * size:(i + 1) * size])
                            for i in range(n)]
-        self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device)
-                      for _ in range(2)]
+        if slots is not None and (len(slots) != 2 or any(
+                t.numel() != size or t.device != self.device for t in slots)):
+            raise ValueError(f'shared slots must be two {size}-byte buffers on {self.device}')
+        self.slots = slots if slots is not None else [
+            torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
         self.slot_views = [self.layout.views(s) for s in self.slots]
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.block_index = {id(b): i for i, b in enumerate(blocks)}
@@ -175,11 +182,12 @@ class StreamingBlockRunner(BlockRunner):
         self._arena.close()
 
 
-def stream_blocks(model: nn.Module, device: torch.device | str) -> StreamingBlockRunner:
+def stream_blocks(model: nn.Module, device: torch.device | str,
+                  slots: Optional[List[torch.Tensor]] = None) -> StreamingBlockRunner:
     """Make an already materialised WanModel stream its blocks from host memory: the blocks
     move to a (page-locked) host buffer, everything else to `device`; returns the runner,
     installed as `model.block_runner`."""
-    runner = StreamingBlockRunner(model.blocks, device)
+    runner = StreamingBlockRunner(model.blocks, device, slots)
     runner.adopt(model.blocks)
     block_ids = {id(p) for p in model.blocks.parameters()}
     for p in model.parameters():
@@ -200,3 +208,17 @@ def make_place(runner: StreamingBlockRunner, device: torch.device | str
             return runner.place(int(index), rest, tensor)
         return tensor.to(device)
     return place
+
+
+@torch.no_grad()
+def unstream_blocks(model: nn.Module, device: torch.device | str) -> None:
+    """The inverse of `stream_blocks`: every block weight copied to `device` (the model is
+    resident again), the default block runner back, the page-locked registration released."""
+    runner = model.block_runner
+    if not isinstance(runner, StreamingBlockRunner):
+        return
+    for block in model.blocks:
+        for _, t in _block_tensors(block):
+            t.data = t.data.to(device)
+    model.block_runner = BlockRunner()
+    runner.close()
