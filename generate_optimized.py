@@ -29,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
                    help='Keep every model resident on the GPU (same as --offload_model False).')
     g.add_argument('--seed', dest='base_seed', type=int, default=argparse.SUPPRESS,
                    help='Alias of --base_seed.')
+    g.add_argument('--gpu_memory_gib', type=float, default=None,
+                   help='Use at most this much GPU memory (GiB), enforced on the allocator: '
+                        'the memory plan streams expert blocks from page-locked host memory '
+                        'when the experts do not fit (emulates a smaller GPU, or shares one).')
     g.add_argument('--prompt_file', type=str, default=None,
                    help='A text file with one prompt per line: the models load once and '
                         'one video is written per prompt.')
@@ -79,8 +83,10 @@ def generate(args: argparse.Namespace) -> None:
     logging.info('Generation model config: %s', cfg)
 
     opts = config_from_args(args)
+    from wan.configs import SIZE_CONFIGS
     pipe = ref_cli.build_pipeline(args, cfg, rank, local_rank, pipeline_cls=WanT2VOptimized,
-                                  optimizations=opts)
+                                  optimizations=opts, gpu_memory_gib=args.gpu_memory_gib,
+                                  plan_size=(SIZE_CONFIGS[args.size], args.frame_num))
     for i, prompt in enumerate(prompts or [args.prompt]):
         args.prompt = prompt
         if prompts is not None:

@@ -5,11 +5,12 @@ import argparse
 import sys
 from typing import List, Optional
 
-from wan.text2video_optimized import OptimizationConfig
+from wan.modules.attention import ATTENTION_CHOICES
+from wan.optimizations import COMPILE_MODES, OptimizationConfig, toggle_names
+from wan.text2video import SOLVERS
 
 from .checks import RequestError, check_device_holds, check_request
 from .children import EXIT_OUT_OF_MEMORY
-from .runs import toggle_names
 
 __all__ = ['parse_args', 'complete_args', 'main']
 
@@ -28,7 +29,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--frame_num', type=int, default=None, help="4n+1 (default: the task's)")
     p.add_argument('--sample_steps', type=int, default=4)
     p.add_argument('--sample_shift', type=float, default=None)
-    p.add_argument('--sample_solver', default='unipc', choices=['unipc', 'dpm++'])
+    p.add_argument('--sample_solver', default='unipc', choices=list(SOLVERS))
     p.add_argument('--boundary', default='auto',
                    help="'auto' splits the steps evenly between the experts; 'config' keeps "
                         "the config's boundary; or a number in (0, 1)")
@@ -48,8 +49,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--same_kernel_baseline', action='store_true', default=False,
                    help='also time the reference path with the optimized kernel')
     # optimized mode: OptimizationConfig's fields
-    p.add_argument('--attention', default='auto')
-    p.add_argument('--compile_mode', default='default')
+    p.add_argument('--attention', default='auto', choices=list(ATTENTION_CHOICES))
+    p.add_argument('--compile_mode', default='default', choices=list(COMPILE_MODES))
+    p.add_argument('--ffn_chunk_tokens', type=int, default=OptimizationConfig().ffn_chunk_tokens)
+    p.add_argument('--gpu_memory_gib', type=float, default=None,
+                   help='optimized mode: cap the GPU memory the pipeline may use (the planner '
+                        'streams expert blocks when they do not fit)')
     defaults = OptimizationConfig()
     for t in toggle_names():
         p.add_argument(f'--no-{t}', dest=t, action='store_false', default=getattr(defaults, t))

@@ -317,18 +317,26 @@ def table_targets() -> str:
     return '\n'.join(rows)
 
 
+PLANNER_GPUS = [('H200 141 GB (139 GiB)', 139), ('H100 / A100 80 GB (79 GiB)', 79.1),
+                ('L40S / A6000 48 GB (47 GiB)', 47), ('A100 40 GB (39 GiB)', 39),
+                ('32 GB (31 GiB)', 31), ('RTX 4090 24 GB (23 GiB)', 23),
+                ('16 GB (15 GiB)', 15)]
+PLANNER_HOST_GIB = 64
+
+
 def table_planner() -> str:
     from wan.utils.memory_plan import GiB, plan_memory
     rows = ['| GPU (memory the pipeline may use) | 832*480, 81 frames | 1280*720, 81 frames |',
             '|---|---|---|']
-    for label, budget in [('H200 141 GB (139 GiB)', 139), ('H100 / A100 80 GB (79 GiB)', 79.1),
-                          ('L40S / A6000 48 GB (47 GiB)', 47), ('RTX 4090 24 GB (23 GiB)', 23)]:
-        cells = [plan_memory(budget * GiB, size, 81, want_batched_cfg=False).describe()
+    for label, budget in PLANNER_GPUS:
+        cells = [plan_memory(budget * GiB, PLANNER_HOST_GIB * GiB, size, 81).describe()
                  for size in ((832, 480), (1280, 720))]
         rows.append(f'| {label} | {cells[0]} | {cells[1]} |')
     rows += ['', 'Computed by `wan.utils.memory_plan.plan_memory` (the planner the optimized '
-                 'pipeline runs at every generate()), not measured: the plan a GPU of that size '
-                 'would get with the default toggles.']
+                 'pipeline runs at every generate()) for a host with '
+                 f'{PLANNER_HOST_GIB} GiB of available memory, not measured: the plan a GPU of '
+                 'that size would get with the default toggles and the default 40-step '
+                 'schedule (26 high-noise, 14 low-noise steps).']
     return '\n'.join(rows)
 
 

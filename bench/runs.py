@@ -8,7 +8,6 @@ pipeline; rank 0 decodes, compares and writes the JSON, with the peak memory of 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import platform
@@ -20,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from wan.text2video_optimized import OptimizationConfig
+from wan.optimizations import OptimizationConfig, toggle_names
 from wan.utils.timing import Timer
 
 from .ceilings import floor_per_forward, forward_flops, measure_ceilings
@@ -34,12 +33,6 @@ __all__ = ['toggle_names', 'run_benchmark', 'run_mode', 'profile_forward', 'envi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, 'bench', 'results')
-
-
-def toggle_names() -> Tuple[str, ...]:
-    """The on/off optimizations: OptimizationConfig's bool fields, in declaration order."""
-    return tuple(f.name for f in dataclasses.fields(OptimizationConfig)
-                 if f.type in (bool, 'bool'))
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -297,7 +290,7 @@ def _measure(result, args, cfg, size, tokens, device, rank, world, local_rank, u
              path) -> None:
     from wan.modules.attention import resolve_backend
     from wan.text2video import WanT2V
-    from wan.text2video_optimized import optimize_pipeline
+    from wan.text2video_optimized import WanT2VOptimized, optimize_pipeline
     timer = Timer(device)
 
     # one GPU's ceilings (rank 0's); with N GPUs the ideal step is the floor / N
@@ -307,12 +300,22 @@ def _measure(result, args, cfg, size, tokens, device, rank, world, local_rank, u
     result['floor_per_forward'] = floor_per_forward(cfg, tokens, result['ceilings'])
 
     build: List[float] = []
+    common = dict(device_id=local_rank, rank=rank, t5_fsdp=args.t5_fsdp,
+                  dit_fsdp=args.dit_fsdp, use_sp=ulysses > 1,
+                  convert_model_dtype=args.convert_model_dtype, random_init=args.random_init,
+                  random_init_seed=0, cfg_parallel=args.cfg_parallel, ulysses_size=ulysses)
+    toggles = dict({t: getattr(args, t) for t in toggle_names()}, attention=args.attention,
+                   compile_mode=args.compile_mode, ffn_chunk_tokens=args.ffn_chunk_tokens)
     with timer(build):
-        pipe = WanT2V(cfg, args.ckpt_dir, device_id=local_rank, rank=rank,
-                      t5_fsdp=args.t5_fsdp, dit_fsdp=args.dit_fsdp, use_sp=ulysses > 1,
-                      convert_model_dtype=args.convert_model_dtype,
-                      random_init=args.random_init, random_init_seed=0,
-                      cfg_parallel=args.cfg_parallel, ulysses_size=ulysses)
+        if args.mode == 'optimized':
+            # built optimized: the experts load in their dtype policy straight to where the
+            # memory plan (under --gpu_memory_gib) puts them
+            pipe = WanT2VOptimized(cfg, args.ckpt_dir, **common,
+                                   optimizations=OptimizationConfig(**toggles),
+                                   gpu_memory_gib=args.gpu_memory_gib,
+                                   plan_size=(size, args.frame_num))
+        else:
+            pipe = WanT2V(cfg, args.ckpt_dir, **common)
     result['build_seconds'] = build[0]
     boundary = choose_boundary(pipe, args)
     if boundary is not None:
@@ -349,10 +352,9 @@ def _measure(result, args, cfg, size, tokens, device, rank, world, local_rank, u
             record('baseline_same_kernel', r2, out)
 
     if 'optimized' in modes:
-        toggles = {t: getattr(args, t) for t in toggle_names()}
         t0 = time.perf_counter()
-        optimize_pipeline(pipe, attention=args.attention, compile_mode=args.compile_mode,
-                          **toggles)
+        if not isinstance(pipe, WanT2VOptimized):  # --mode both: the same models, optimized
+            pipe = optimize_pipeline(pipe, **toggles)
         setup = time.perf_counter() - t0
         plan = pipe.plan_for(size, args.frame_num, offload_model=False)
         warm = pipe.warm_up(size, args.frame_num) if device.type == 'cuda' else 0.0

@@ -80,3 +80,44 @@ def test_blocks_must_share_one_layout():
     model.blocks[1].ffn[0].weight.data = model.blocks[1].ffn[0].weight.data.to(torch.bfloat16)
     with pytest.raises(ValueError, match='block 1 differs in layout'):
         StreamingBlockRunner(model.blocks, 'cpu')
+
+
+def test_pipeline_streams_and_unstreams_as_planned_bit_for_bit(tiny_cfg, monkeypatch):
+    """The optimized pipeline follows a plan that streams both experts (interleaved CFG, one
+    shared slot pair), then one that keeps them resident: every video equals the resident
+    one bit for bit (CPU: the same copies and slot views as on a GPU)."""
+    import copy
+    from dataclasses import replace
+
+    from easydict import EasyDict
+
+    from wan.text2video_optimized import WanT2VOptimized
+    from wan.utils.memory_plan import ModelSizes, cpu_plan
+    from wan.optimizations import OptimizationConfig
+
+    cfg = EasyDict(copy.deepcopy(dict(tiny_cfg)))
+    cfg.param_dtype = torch.float32
+    pipe = WanT2VOptimized(cfg, None, random_init=True, device='cpu',
+                           optimizations=replace(OptimizationConfig.conservative(),
+                                                 per_sample_time=True))
+    monkeypatch.setattr(WanT2VOptimized, 'plans_placement', property(lambda self: True))
+    base = cpu_plan(ModelSizes.a14b())
+
+    def plan(placement, cfg_scheme):
+        return replace(base, experts=tuple(replace(e, placement=placement, cfg=cfg_scheme)
+                                           for e in base.experts), t5='cpu')
+
+    kw = dict(size=(128, 64), frame_num=5, shift=12.0, sampling_steps=4,
+              guide_scale=(3.0, 4.0), seed=5, offload_model=False)
+    videos = []
+    for placement, scheme in [('resident', 'sequential'), ('streamed', 'interleaved'),
+                              ('resident', 'sequential')]:
+        monkeypatch.setattr(pipe, 'plan_for', lambda *a, _p=plan(placement, scheme), **k: _p)
+        videos.append(pipe.generate('a boat', **kw))
+        streamed = sorted(pipe._streaming)
+        assert streamed == ([] if placement == 'resident' else ['high_noise', 'low_noise'])
+        if placement == 'streamed':
+            runners = list(pipe._streaming.values())
+            assert runners[0].slots is runners[1].slots  # one slot pair for both experts
+    assert torch.equal(videos[1], videos[0]) and torch.equal(videos[2], videos[0])
+    assert pipe._slots is None  # nothing streams any more: the slots are released

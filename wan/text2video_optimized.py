@@ -48,7 +48,7 @@ from .utils.block_streaming import (StreamingBlockRunner, make_place, stream_blo
                                     unstream_blocks)
 from .utils.dtype_policy import dtype_rule
 from .utils.memory_plan import (STREAMED, MemoryPlan, ModelSizes, cpu_plan, log_plan,
-                                plan_memory)
+                                plan_memory, vae_decode_bytes)
 from .utils.offload import PinnedOffload
 from .utils.placement import apply_gpu_cap, usable_gpu_bytes, usable_host_bytes
 from .utils.random_init import build_on_meta
@@ -234,7 +234,7 @@ class WanT2VOptimized(WanT2V):
             t5_streaming=False, per_sample_time=self.opt.per_sample_time,
             cfg_parallel=self.cfg_parallel,
             vae_decode_bytes_measured=None if probe is None else
-            probe + 3 * _video_bytes(size, frame_num))
+            vae_decode_bytes(size, frame_num, chunk_peak_bytes=probe))
 
     def _initial_plan(self) -> MemoryPlan:
         """Where the experts go while they load (planned once, for `plan_size`)."""
@@ -318,8 +318,9 @@ class WanT2VOptimized(WanT2V):
                 logging.info('%s: now resident on the GPU', name)
                 del self._streaming[name]
                 unstream_blocks(model, self.device)
-            if name in self._evicted:
-                self._weights_to(name, self.device)
+            # its GPU-side weights back where they run (after a decode eviction, or an
+            # adopted pipeline whose experts waited on the CPU)
+            self._weights_to(name, self.device)
         if not self._streaming:
             self._slots = None
         self._t5_follow_plan(plan)
@@ -332,7 +333,7 @@ class WanT2VOptimized(WanT2V):
         block_params = {id(p) for p in model.blocks.parameters()} \
             if name in self._streaming else set()
         for p in model.parameters():
-            if id(p) not in block_params:
+            if id(p) not in block_params and p.device != torch.device(device):
                 p.data = p.data.to(device)
         model.freqs = model.freqs.to(device)
         if torch.device(device).type == 'cpu':
@@ -569,11 +570,6 @@ class WanT2VOptimized(WanT2V):
                                     offload_model=offload_model)
         finally:
             self._plan = None
-
-
-def _video_bytes(size: Tuple[int, int], frame_num: int) -> int:
-    """One decoded fp32 video (3, F, H, W)."""
-    return 3 * frame_num * size[0] * size[1] * 4
 
 
 def _cast_meta_(model: nn.Module, rule) -> None:

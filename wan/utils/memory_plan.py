@@ -40,7 +40,7 @@ from torch import nn
 __all__ = ['GiB', 'ACT_BYTES_PER_TOKEN_A14B', 'VAE_DECODE_BYTES_PER_PIXEL', 'T5_ENCODE_BYTES',
            'GPU_MARGIN_BYTES', 'HOST_MARGIN_BYTES', 'STREAM_SLOTS', 'ExpertSize', 'ModelSizes',
            'ExpertPlan', 'MemoryPlan', 'PlacementError', 'plan_memory', 'cpu_plan', 'log_plan',
-           'tokens_for', 'activation_bytes', 'held_state_bytes', 'vae_decode_bytes',
+           'tokens_for', 'activation_bytes', 'held_state_bytes', 'vae_decode_bytes', 'video_bytes',
            'dit_param_count', 'dit_block_param_count', 't5_param_count',
            't5_block_param_count', 'module_bytes']
 
@@ -52,10 +52,14 @@ GiB = 2**30
 # 6.51 GiB at 1280*720 (92.4 KiB/token) and 2.82 GiB at 832*480 (90.3 KiB/token); rounded up
 # by ~8%. Re-measure it whenever the forward's activation peak changes.
 ACT_BYTES_PER_TOKEN_A14B = 100 * 1024
-# Wan2.1 VAE decode peak per output pixel (81 frames), weights not included: the reference's
-# fp32 decode measured 20.2 GiB at 1280*720 (to be re-measured for the optimized decode; a
-# measured peak can be passed to plan_memory as `vae_decode_bytes`).
-VAE_DECODE_BYTES_PER_PIXEL = 20.2 * GiB / (1280 * 720)
+# Peak of the optimized Wan2.1 VAE decode per output pixel of one chunk, weights and output
+# video not included: the probe decode (3 latent frames, every later chunk repeats its shapes)
+# measured 15.7 GiB at 1280*720 and 6.8 GiB at 832*480 on the H100
+# (bench/results/h100_1280x720_both_607d0d0.log, h100_832x480_both_a9aec23.log), both
+# ~18.3 KB per pixel. The whole decode adds the fp32 output video, held about three times
+# while it is assembled (the chunk list, the concatenation, the contiguous copy). A measured
+# probe replaces this estimate (`vae_decode_bytes_measured`).
+VAE_DECODE_BYTES_PER_PIXEL = 15.7 * GiB / (1280 * 720)
 # umT5 activations for one 512-token prompt (a few hundred MB at most; generous estimate)
 T5_ENCODE_BYTES = GiB // 2
 # GPU: allocator fragmentation, cuBLAS/attention workspaces, compile buffers
@@ -204,8 +208,18 @@ def held_state_bytes(tokens: int, dim: int = 5120, per_sample_time: bool = True)
     return tokens * 4 * (dim if per_sample_time else dim + 7 * dim)
 
 
-def vae_decode_bytes(size: Sequence[int]) -> float:
-    return VAE_DECODE_BYTES_PER_PIXEL * size[0] * size[1]
+def video_bytes(size: Sequence[int], frame_num: int) -> int:
+    """One decoded fp32 video (3, F, H, W)."""
+    return 3 * frame_num * size[0] * size[1] * 4
+
+
+def vae_decode_bytes(size: Sequence[int], frame_num: int = 81,
+                     chunk_peak_bytes: Optional[float] = None) -> float:
+    """Peak of one VAE decode, weights excluded: a chunk's peak (`chunk_peak_bytes` when
+    measured, else the per-pixel estimate) plus the output video held three times."""
+    if chunk_peak_bytes is None:
+        chunk_peak_bytes = VAE_DECODE_BYTES_PER_PIXEL * size[0] * size[1]
+    return chunk_peak_bytes + 3 * video_bytes(size, frame_num)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +385,7 @@ def plan_memory(gpu_bytes: float, host_bytes: float, size: Sequence[int], frame_
 
     act_by_cfg = {'batched': act(2), 'sequential': act(1), 'parallel': act(1),
                   'interleaved': act(1) + held_state_bytes(tokens, sizes.dim, per_sample_time)}
-    decode = vae_decode_bytes(size) if vae_decode_bytes_measured is None else \
+    decode = vae_decode_bytes(size, frame_num) if vae_decode_bytes_measured is None else \
         vae_decode_bytes_measured
     t5_encode_whole = sizes.t5_bytes + T5_ENCODE_BYTES
     t5_encode_streamed = sizes.t5_non_block_bytes + STREAM_SLOTS * sizes.t5_block_bytes + \

@@ -19,13 +19,15 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from .checkpoint import CheckpointError, check_checkpoint_dir
+from .memory_plan import PlacementError
 from .utils import VideoSaveError, VideoTargetError, check_video_target
 
 __all__ = [
     'UserError', 'USER_ERRORS', 'API_NAMES', 'CLI_NAMES', 'OTHER_TASK_FLAGS', 'SUPPORTED_TASKS',
     'MAX_SEED', 'cli_size_choices', 'nearest_valid_frames', 'check_task', 'check_task_size',
     'check_frame_num', 'check_seed', 'check_shift', 'check_schedule', 'check_size',
-    'check_generation_args', 'check_attention_backend', 'check_output', 'estimate_model_bytes',
+    'check_generation_args', 'check_attention_backend', 'check_gpu_memory_cap', 'check_output',
+    'estimate_model_bytes',
     'host_memory_bytes', 'check_device_fits', 'check_parallel_layout', 'check_cli_args',
 ]
 
@@ -54,8 +56,10 @@ class UserError(ValueError):
     """Bad input the user can fix: reported by the CLIs as one `error:` line, exit status 1."""
 
 
-# Errors a user can act on (bad input, missing or damaged files, a failed save).
-USER_ERRORS = (UserError, FileNotFoundError, CheckpointError, VideoSaveError, VideoTargetError)
+# Errors a user can act on (bad input, missing or damaged files, a failed save, a run that
+# does not fit in GPU and host memory).
+USER_ERRORS = (UserError, FileNotFoundError, CheckpointError, VideoSaveError, VideoTargetError,
+               PlacementError)
 
 
 # ------------------------------------------------------------------------------ tasks, sizes
@@ -186,6 +190,19 @@ def check_generation_args(*, size: Optional[Tuple[int, int]], frame_num: int, sh
 
 
 # ------------------------------------------------------------------------------ machine
+def check_gpu_memory_cap(cap_gib: float, device: Union[str, torch.device]) -> None:
+    """--gpu_memory_gib: positive, no larger than the GPU, and only with a GPU."""
+    from .placement import check_gpu_cap
+    device = torch.device(device)
+    if device.type != 'cuda':
+        raise UserError(f'--gpu_memory_gib {cap_gib} needs a CUDA GPU; this run is on {device}')
+    total = torch.cuda.get_device_properties(device).total_memory
+    try:
+        check_gpu_cap(cap_gib, total, torch.cuda.get_device_name(device))
+    except ValueError as exc:
+        raise UserError(f'--gpu_memory_gib: {exc}') from None
+
+
 def check_attention_backend(name: str, device: Union[str, torch.device],
                             flag: str = '--attention') -> str:
     """The backend `name` resolves to on `device`; UserError if it cannot run there."""
@@ -327,6 +344,8 @@ def check_cli_args(args: argparse.Namespace, world_size: int,
             if torch.cuda.is_available() else torch.device('cpu')
     if getattr(args, 'attention', None) is not None:
         check_attention_backend(args.attention, device)
+    if getattr(args, 'gpu_memory_gib', None) is not None:
+        check_gpu_memory_cap(args.gpu_memory_gib, device)
     check_output(args.save_file)
     check_device_fits(cfg, args.task, device)
     if not args.random_init:
