@@ -523,7 +523,9 @@ def test_optimized_pipeline_cfg_parallel_wins_over_batched_cfg(monkeypatch):
     calls = []
     monkeypatch.setattr(cfgp, 'cfg_parallel_predict',
                         lambda *a, **k: calls.append(a) or torch.zeros(1))
-    pipe._plan = dataclasses.replace(plan, batched_cfg=True)
+    # even a plan that says batched for every expert
+    pipe._plan = dataclasses.replace(plan, experts=tuple(
+        dataclasses.replace(e, cfg='batched') for e in plan.experts))
     lat = torch.zeros(16, 3, 6, 10)
     ctx = torch.zeros(5, TINY_DIT['text_dim'])
     out = pipe._predict_noise(pipe.low_noise_model, lat, torch.tensor(10), ctx, ctx, 45, 3.0)
@@ -568,7 +570,7 @@ def _w_sp_compiled(rank, world):
     padded keys take the varlen attention path, which may break the graph but stays exact."""
     import torch._dynamo
     from wan.distributed.sequence_parallel import apply_sequence_parallel
-    from wan.text2video_optimized import _compile_blocks
+    from wan.optimizations import compile_blocks
     model = tiny_model()
     model.set_options(fp32_options(fast_rope=True, per_sample=True))
     apply_sequence_parallel(model)
@@ -581,7 +583,7 @@ def _w_sp_compiled(rank, world):
     torch._dynamo.reset()
     with torch.no_grad():
         eager = {name: run(shape) for name, shape in SHAPES.items()}
-        _compile_blocks(model, 'default')
+        compile_blocks(model, 'default')
         for name, shape in SHAPES.items():  # 'even' first: no padding
             torch._dynamo.utils.counters.clear()
             out[name] = {'eager': eager[name],

@@ -343,7 +343,7 @@ def test_dpmpp_solver(tiny_pipe, tiny_cfg, monkeypatch):
 def test_unknown_solver(tiny_pipe, tiny_cfg, monkeypatch):
     skip_decode(tiny_pipe, monkeypatch)
     with pytest.raises(NotImplementedError, match='solver'):
-        gen(tiny_pipe, tiny_cfg, sample_solver='euler', sampling_steps=2)
+        gen(tiny_pipe, tiny_cfg, sample_solver='heun', sampling_steps=2)
 
 
 # ---------------------------------------------------------------------------------------------

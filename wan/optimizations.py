@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ['OptimizationConfig', 'COMPILE_MODES', 'PASSES', 'apply_passes', 'backend_flags',
            'toggle_names', 'add_cli_arguments', 'config_from_args', 'weight_dtype_mode',
-           'is_fsdp']
+           'is_fsdp', 'compile_blocks']
 
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
@@ -205,11 +205,16 @@ def pass_compile(pipe: 'WanT2V', config: OptimizationConfig) -> None:
         logging.info('compile: skipped (the experts are FSDP-sharded, --dit_fsdp)')
         return
     for model in pipe.experts():
-        # nn.Module.compile compiles the module's call in place; identical blocks share one
-        # graph (parameters are graph inputs), so compile time is one block's
-        for block in model.blocks:
-            block.compile(mode=config.compile_mode, dynamic=False)
+        compile_blocks(model, config.compile_mode)
     pipe.compiled = True
+
+
+def compile_blocks(model: nn.Module, mode: str = 'default') -> None:
+    """torch.compile each transformer block of `model` in place (nn.Module.compile).
+    Identical blocks share one graph (parameters are graph inputs), so compile time is one
+    block's."""
+    for block in model.blocks:
+        block.compile(mode=mode, dynamic=False)
 
 
 PASSES: Tuple[Tuple[str, Callable[['WanT2V', OptimizationConfig], None]], ...] = (
