@@ -90,9 +90,11 @@ def main() -> int:
             if size_name not in warmed:
                 entry['warmup_seconds'] = pipe.warm_up(size, args.frames)
                 warmed.add(size_name)
-            plan = pipe.plan_for(size, args.frames,
-                                 steps=pipe.step_split('unipc', args.steps, cfg.sample_shift))
+            # move the models for this cap before the peak is measured
+            plan = pipe.place_for(size, args.frames,
+                                  steps=pipe.step_split('unipc', args.steps, cfg.sample_shift))
             entry['plan'] = plan.describe()
+            torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
             rec = pipe.add_observer(StageRecorder(dev))

@@ -408,7 +408,7 @@ def test_plan_for_on_a_simulated_gpu(cfg32, monkeypatch):
         seen.setdefault('steps', steps), ModelSizes.a14b(steps))[1])
     monkeypatch.setattr(pipe, '_our_bytes', lambda: (0, 0))
     free = {'gpu': 79.1 * GiB}
-    monkeypatch.setattr(opt, 'usable_gpu_bytes', lambda device, cap: free['gpu'])
+    monkeypatch.setattr(opt, 'usable_gpu_bytes', lambda device, cap=None: free['gpu'])
     monkeypatch.setattr(opt, 'usable_host_bytes', lambda: 120 * GiB)
 
     plan = pipe.plan_for((1280, 720), 81)
@@ -424,6 +424,13 @@ def test_plan_for_on_a_simulated_gpu(cfg32, monkeypatch):
     free['gpu'] = 8 * GiB
     plan = pipe.plan_for((1280, 720), 81)
     assert not plan.fits and 'activations' in plan.error
+    # a cap counts our own resident weights in: 53 GiB held, cap 24 -> a 24 GiB budget
+    free['gpu'] = 80 * GiB
+    monkeypatch.setattr(pipe, '_our_bytes', lambda: (53 * GiB, 0))
+    monkeypatch.setattr(torch.cuda, 'memory_allocated', lambda device=None: 53 * GiB + 5)
+    pipe.gpu_memory_gib = 24
+    assert pipe._budgets()[0] == 24 * GiB - 5
+    assert pipe.plan_for((1280, 720), 81, steps=(2, 2)).streamed == ('high_noise', 'low_noise')
     with pytest.raises(PlacementError, match='GPU budget'):
         plan.raise_if_unfit()
 
@@ -437,7 +444,7 @@ def test_measured_decode_probe_feeds_the_plan_and_decode_evicts_what_it_says(cfg
     pipe = build_optimized(cfg32, per_sample_time=True)
     pipe.device = torch.device('cuda:0')
     captured = {}
-    monkeypatch.setattr(opt, 'usable_gpu_bytes', lambda device, cap: 40 * GiB)
+    monkeypatch.setattr(opt, 'usable_gpu_bytes', lambda device, cap=None: 40 * GiB)
     monkeypatch.setattr(opt, 'usable_host_bytes', lambda: 64 * GiB)
     real = opt.plan_memory
 

@@ -38,7 +38,7 @@ def test_streaming_equals_resident_bit_for_bit_with_cfg_interleaving(device):
     assert torch.equal(s_cond[0], cond) and torch.equal(s_uncond[0], uncond)
     assert torch.equal(again, cond)
     # between calls the blocks' parameters are the host copies (the real weights), not slots
-    slot_ptrs = {s.data_ptr() for s in runner.slots}
+    slot_ptrs = {s.data_ptr() for s in runner.slots.buffers}
     for p in streamed.blocks.parameters():
         assert runner.host.data_ptr() <= p.data_ptr() < runner.host.data_ptr() + \
             runner.host.numel()
@@ -120,4 +120,4 @@ def test_pipeline_streams_and_unstreams_as_planned_bit_for_bit(tiny_cfg, monkeyp
             runners = list(pipe._streaming.values())
             assert runners[0].slots is runners[1].slots  # one slot pair for both experts
     assert torch.equal(videos[1], videos[0]) and torch.equal(videos[2], videos[0])
-    assert pipe._slots is None  # nothing streams any more: the slots are released
+    assert pipe._slots.buffers is None  # nothing streams any more: the slots are released

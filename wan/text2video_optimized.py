@@ -44,8 +44,8 @@ from .modules.model import WanModel
 from .optimizations import (COMPILE_MODES, OptimizationConfig, apply_passes, backend_flags,
                             is_fsdp, weight_dtype_mode)
 from .text2video import WanT2V
-from .utils.block_streaming import (StreamingBlockRunner, make_place, stream_blocks,
-                                    unstream_blocks)
+from .utils.block_streaming import (SlotPair, StreamingBlockRunner, make_place,
+                                    stream_blocks, unstream_blocks)
 from .utils.dtype_policy import dtype_rule
 from .utils.memory_plan import (STREAMED, MemoryPlan, ModelSizes, cpu_plan, log_plan,
                                 plan_memory, vae_decode_bytes)
@@ -104,7 +104,7 @@ class WanT2VOptimized(WanT2V):
         self._plan_size = plan_size or ((1280, 720), 81)
         self._load_plan: Optional[MemoryPlan] = None
         self._streaming: Dict[str, StreamingBlockRunner] = {}
-        self._slots: Optional[List[torch.Tensor]] = None
+        self._slots = SlotPair()  # the GPU block slots every streamed expert shares
         target = WanT2V.resolve_device(device, device_id)
         if target.type == 'cuda' and gpu_memory_gib is not None:
             fraction = apply_gpu_cap(target, gpu_memory_gib)
@@ -130,7 +130,7 @@ class WanT2VOptimized(WanT2V):
         new.gpu_memory_gib = None
         new._plan_size = ((1280, 720), 81)
         new._load_plan = None
-        new._streaming, new._slots = {}, None
+        new._streaming, new._slots = {}, SlotPair()
         new._optimize()
         return new
 
@@ -209,8 +209,19 @@ class WanT2VOptimized(WanT2V):
                 gpu += n
             else:
                 host += n
-        gpu += sum(s.numel() for s in self._slots or ())
+        gpu += self._slots.nbytes
         return gpu, host
+
+    def _budgets(self) -> Tuple[int, int]:
+        """(GPU, host) bytes the planner may place our models in: what is free plus what our
+        own models occupy now; on the GPU no more than the --gpu_memory_gib cap minus what
+        others (not our models) hold."""
+        ours_gpu, ours_host = self._our_bytes()
+        gpu = usable_gpu_bytes(self.device) + ours_gpu
+        if self.gpu_memory_gib is not None:
+            others = torch.cuda.memory_allocated(self.device) - ours_gpu
+            gpu = min(gpu, int(self.gpu_memory_gib * 2**30) - max(others, 0))
+        return gpu, usable_host_bytes() + ours_host
 
     def plan_for(self, size: Tuple[int, int], frame_num: int, offload_model: bool = False,
                  batched_cfg: Optional[bool] = None,
@@ -225,11 +236,10 @@ class WanT2VOptimized(WanT2V):
         sizes = self._model_sizes(steps)
         if self.device.type != 'cuda':
             return cpu_plan(sizes, want_batched and not self.cfg_parallel, self.cfg_parallel)
-        ours_gpu, ours_host = self._our_bytes()
+        gpu_bytes, host_bytes = self._budgets()
         probe = self._vae_probe.get(self.target_shape(size, 9)[2:])
         return plan_memory(
-            usable_gpu_bytes(self.device, self.gpu_memory_gib) + ours_gpu,
-            usable_host_bytes() + ours_host, size, frame_num, sizes,
+            gpu_bytes, host_bytes, size, frame_num, sizes,
             want_batched_cfg=want_batched, want_resident=not offload_model, t5_cpu=self.t5_cpu,
             t5_streaming=False, per_sample_time=self.opt.per_sample_time,
             cfg_parallel=self.cfg_parallel,
@@ -243,9 +253,8 @@ class WanT2VOptimized(WanT2V):
             steps = self.step_split('unipc', self.config.sample_steps, self.config.sample_shift)
             meta = {name: self._meta_expert() for name, _ in EXPERTS}
             sizes = self._model_sizes(steps, meta)
-            ours_gpu, ours_host = self._our_bytes()
-            plan = plan_memory(usable_gpu_bytes(self.device, self.gpu_memory_gib) + ours_gpu,
-                               usable_host_bytes() + ours_host, size, frames, sizes,
+            gpu_bytes, host_bytes = self._budgets()
+            plan = plan_memory(gpu_bytes, host_bytes, size, frames, sizes,
                                want_batched_cfg=self.opt.batched_cfg, t5_cpu=self.t5_cpu,
                                t5_streaming=False, per_sample_time=self.opt.per_sample_time)
             plan.raise_if_unfit()
@@ -257,9 +266,7 @@ class WanT2VOptimized(WanT2V):
     def _new_runner(self, blocks: nn.ModuleList) -> StreamingBlockRunner:
         """A streaming runner for `blocks`, sharing one pair of GPU slots between experts
         (only one expert runs at a time)."""
-        runner = StreamingBlockRunner(blocks, self.device, self._slots)
-        self._slots = runner.slots
-        return runner
+        return StreamingBlockRunner(blocks, self.device, self._slots)
 
     def _build_expert(self, subfolder, checkpoint_dir, seed, use_sp, dit_fsdp, shard_fn,
                       convert_model_dtype) -> nn.Module:
@@ -302,29 +309,42 @@ class WanT2VOptimized(WanT2V):
             super()._place_expert(model)
         # else: _build_expert loaded it where the plan wants it
 
+    def place_for(self, size: Tuple[int, int], frame_num: int, offload_model: bool = False,
+                  batched_cfg: Optional[bool] = None,
+                  steps: Optional[Tuple[int, int]] = None) -> MemoryPlan:
+        """Plan for one generation and move the models where the plan puts them now (what
+        generate() and warm_up() do first); PlacementError when it cannot fit."""
+        plan = self.plan_for(size, frame_num, offload_model, batched_cfg, steps)
+        log_plan(plan)
+        plan.raise_if_unfit()
+        self._apply_plan(plan)
+        return plan
+
     def _apply_plan(self, plan: MemoryPlan) -> None:
         """Move what the plan places differently from now: stream or unstream experts, bring
         back experts that left for the last decode, T5 to its place, drop unused slots."""
         if not self.plans_placement:
             return
+        self._t5_follow_plan(plan)
+        # what leaves the GPU first, so that what comes in finds the room (a cap included)
         for name, attr in EXPERTS:
-            model = getattr(self, attr)
-            want = plan.expert(name).placement
-            if want == STREAMED and name not in self._streaming:
+            if plan.expert(name).placement == STREAMED and name not in self._streaming:
                 logging.info('%s: now streamed from host memory', name)
-                self._streaming[name] = stream_blocks(model, self.device, self._slots)
-                self._slots = self._streaming[name].slots
-            elif want != STREAMED and name in self._streaming:
+                self._streaming[name] = stream_blocks(getattr(self, attr), self.device,
+                                                      self._slots)
+        if not self._streaming:
+            self._slots.release()
+        torch.cuda.empty_cache()
+        for name, attr in EXPERTS:
+            if plan.expert(name).placement != STREAMED and name in self._streaming:
                 logging.info('%s: now resident on the GPU', name)
                 del self._streaming[name]
-                unstream_blocks(model, self.device)
+                unstream_blocks(getattr(self, attr), self.device)
             # its GPU-side weights back where they run (after a decode eviction, or an
             # adopted pipeline whose experts waited on the CPU)
             self._weights_to(name, self.device)
         if not self._streaming:
-            self._slots = None
-        self._t5_follow_plan(plan)
-        torch.cuda.empty_cache()
+            self._slots.release()
 
     def _weights_to(self, name: str, device) -> None:
         """An expert's GPU-side weights (all of them when resident, the non-block ones when
@@ -353,9 +373,7 @@ class WanT2VOptimized(WanT2V):
 
     def _warm_up(self, size, frame_num, batched_cfg) -> float:
         t0 = time.perf_counter()
-        plan = self.plan_for(size, frame_num, offload_model=False, batched_cfg=batched_cfg)
-        plan.raise_if_unfit()
-        self._apply_plan(plan)
+        plan = self.place_for(size, frame_num, offload_model=False, batched_cfg=batched_cfg)
         shape = self.target_shape(size, frame_num)
         seq_len = self.seq_len_for(shape)
         batch = 2 if plan.batched_cfg else 1
@@ -558,10 +576,7 @@ class WanT2VOptimized(WanT2V):
                               sample_solver=sample_solver, sampling_steps=sampling_steps,
                               seed=seed, num_train_timesteps=self.num_train_timesteps)
         steps = self.step_split(sample_solver, sampling_steps, shift)
-        self._plan = self.plan_for(size, frame_num, offload_model, use_batched_cfg, steps)
-        log_plan(self._plan)
-        self._plan.raise_if_unfit()
-        self._apply_plan(self._plan)
+        self._plan = self.place_for(size, frame_num, offload_model, use_batched_cfg, steps)
         self._probe_vae(size)  # no-op after warm_up() or an earlier call at this size
         try:
             return super().generate(input_prompt, size=size, frame_num=frame_num, shift=shift,

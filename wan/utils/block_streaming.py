@@ -28,7 +28,7 @@ from torch import nn
 from ..modules.model import BlockInputs, BlockRunner
 from .host_memory import HostArena
 
-__all__ = ['BlockLayout', 'StreamingBlockRunner', 'stream_blocks', 'make_place',
+__all__ = ['BlockLayout', 'SlotPair', 'StreamingBlockRunner', 'stream_blocks', 'make_place',
            'unstream_blocks']
 
 ALIGN = 256  # bytes: every tensor view starts on a 256-byte boundary (GEMM/TMA friendly)
@@ -79,15 +79,40 @@ def _rebind(block: nn.Module, views: Dict[str, torch.Tensor]) -> None:
             owner._buffers[attr] = value
 
 
+class SlotPair:
+    """The two GPU block slots, shared by every streamed model of one layout; allocated when
+    first needed, released with `release` (e.g. when nothing streams any more)."""
+
+    def __init__(self):
+        self.buffers: Optional[List[torch.Tensor]] = None
+
+    def get(self, nbytes: int, device: torch.device) -> List[torch.Tensor]:
+        if self.buffers is None:
+            self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device)
+                            for _ in range(2)]
+        elif self.buffers[0].numel() != nbytes or self.buffers[0].device != device:
+            raise ValueError(f'shared slots hold {self.buffers[0].numel()} bytes on '
+                             f'{self.buffers[0].device}; this model needs {nbytes} on {device}')
+        return self.buffers
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buffers is None else sum(b.numel() for b in self.buffers)
+
+    def release(self) -> None:
+        self.buffers = None
+
+
 class StreamingBlockRunner(BlockRunner):
     """Streams `blocks` (already in their final dtypes, on any device or on meta) through
     two slots on `device`. Use `place` while loading to write each tensor straight into the
     host buffer, or `adopt` to move already materialised blocks there."""
 
     def __init__(self, blocks: nn.ModuleList, device: torch.device | str,
-                 slots: Optional[List[torch.Tensor]] = None):
-        """`slots`: two flat uint8 GPU buffers to share with another streamed model of the
-        same block layout (only one model runs at a time); default: new ones."""
+                 slots: Optional['SlotPair'] = None):
+        """`slots`: a `SlotPair` shared with another streamed model of the same block layout
+        (only one model runs at a time); default: a pair of its own. The GPU buffers are
+        allocated at the first forward, after the blocks have left the GPU."""
         self.device = torch.device(device)
         self.layout = BlockLayout(blocks[0])
         for i, block in enumerate(blocks):
@@ -101,12 +126,10 @@ class StreamingBlockRunner(BlockRunner):
         self.host = self._arena.take((n * size,), torch.uint8)
         self.host_views = [self.layout.views(self.host[i * size:(i + 1) * size])
                            for i in range(n)]
-        if slots is not None and (len(slots) != 2 or any(
-                t.numel() != size or t.device != self.device for t in slots)):
-            raise ValueError(f'shared slots must be two {size}-byte buffers on {self.device}')
-        self.slots = slots if slots is not None else [
-            torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
-        self.slot_views = [self.layout.views(s) for s in self.slots]
+        self.slots = slots if slots is not None else SlotPair()
+        # (the slot buffers the views were made of, the block's views of each slot)
+        self._slot_views: Optional[Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]]] \
+            = None
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.block_index = {id(b): i for i, b in enumerate(blocks)}
         self.bytes_per_block = size
@@ -137,8 +160,15 @@ class StreamingBlockRunner(BlockRunner):
         return self._arena.pin() if self.cuda else False
 
     # ------------------------------------------------------------------ running
+    def _slots_now(self) -> Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]]:
+        """The two GPU slots (allocated on first use) and the block's views of them."""
+        buffers = self.slots.get(self.bytes_per_block, self.device)
+        if self._slot_views is None or self._slot_views[0] is not buffers:
+            self._slot_views = (buffers, [self.layout.views(b) for b in buffers])
+        return self._slot_views
+
     def _copy_in(self, index: int) -> Optional[torch.cuda.Event]:
-        slot = self.slots[index % 2]
+        slot = self._slots_now()[0][index % 2]
         src = self.host[index * self.bytes_per_block:(index + 1) * self.bytes_per_block]
         if not self.cuda:
             slot.copy_(src)
@@ -166,7 +196,7 @@ class StreamingBlockRunner(BlockRunner):
                 copied[i + 1] = self._copy_in(i + 1)
             if self.cuda:
                 compute.wait_event(copied.pop(i))
-            _rebind(block, self.slot_views[i % 2])
+            _rebind(block, self._slots_now()[1][i % 2])
             try:
                 xs = [self.run_block(i, block, x, a) for x, a in zip(xs, inputs)]
             finally:
@@ -183,7 +213,7 @@ class StreamingBlockRunner(BlockRunner):
 
 
 def stream_blocks(model: nn.Module, device: torch.device | str,
-                  slots: Optional[List[torch.Tensor]] = None) -> StreamingBlockRunner:
+                  slots: Optional[SlotPair] = None) -> StreamingBlockRunner:
     """Make an already materialised WanModel stream its blocks from host memory: the blocks
     move to a (page-locked) host buffer, everything else to `device`; returns the runner,
     installed as `model.block_runner`."""
