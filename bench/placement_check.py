@@ -62,7 +62,7 @@ def main() -> int:
         return 2
     runs = [parse_run(r) for r in args.runs]
     cfg = WAN_CONFIGS['t2v-A14B']
-    dev = torch.device('cuda')
+    dev = torch.device('cuda', torch.cuda.current_device())
     first_size = SIZE_CONFIGS[runs[0][0]]
     t0 = time.perf_counter()
     pipe = WanT2VOptimized(cfg, None, random_init=True, device=dev,

@@ -64,6 +64,13 @@ class BlockLayout:
                 for e in self.entries}
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """'cuda' -> 'cuda:N' (the current device), so that device comparisons hold."""
+    if device.type == 'cuda' and device.index is None:
+        return torch.device('cuda', torch.cuda.current_device())
+    return device
+
+
 def _block_tensors(block: nn.Module):
     yield from block.named_parameters()
     yield from block.named_buffers()
@@ -90,7 +97,7 @@ class SlotPair:
         if self.buffers is None:
             self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device)
                             for _ in range(2)]
-        elif self.buffers[0].numel() != nbytes or self.buffers[0].device != device:
+        elif self.buffers[0].numel() != nbytes or self.buffers[0].device != _indexed(device):
             raise ValueError(f'shared slots hold {self.buffers[0].numel()} bytes on '
                              f'{self.buffers[0].device}; this model needs {nbytes} on {device}')
         return self.buffers
@@ -113,7 +120,7 @@ class StreamingBlockRunner(BlockRunner):
         """`slots`: a `SlotPair` shared with another streamed model of the same block layout
         (only one model runs at a time); default: a pair of its own. The GPU buffers are
         allocated at the first forward, after the blocks have left the GPU."""
-        self.device = torch.device(device)
+        self.device = _indexed(torch.device(device))
         self.layout = BlockLayout(blocks[0])
         for i, block in enumerate(blocks):
             if BlockLayout(block).signature() != self.layout.signature():

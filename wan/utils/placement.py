@@ -61,6 +61,9 @@ def apply_gpu_cap(device: Union[torch.device, str, int],
     if cap_gib is None:
         return None
     check_gpu_cap(cap_gib)  # before touching CUDA
+    device = torch.device(device) if not isinstance(device, int) else torch.device('cuda', device)
+    if device.index is None:  # set_per_process_memory_fraction wants an index
+        device = torch.device('cuda', torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     cap = check_gpu_cap(cap_gib, total, str(device))
     fraction = cap / total
