@@ -404,7 +404,7 @@ def test_usable_gpu_bytes(fake_gpu):
 def test_apply_gpu_cap(fake_gpu):
     assert apply_gpu_cap('cuda:0', None) is None and fake_gpu['fractions'] == []
     assert apply_gpu_cap('cuda:0', 24) == 24 / 80
-    assert fake_gpu['fractions'] == [(24 / 80, 'cuda:0')]
+    assert fake_gpu['fractions'] == [(24 / 80, torch.device('cuda:0'))]
     assert isinstance(fake_gpu['fractions'][0][0], float)
     with pytest.raises(ValueError, match=r'gpu_memory_gib 100 exceeds the 80.0 GiB of cuda:0; '
                                          r'valid: 0 < gpu_memory_gib <= 80.0'):
