@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import sys
 import warnings
 from datetime import datetime
@@ -130,8 +129,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.save_file is None:
         args.save_file = default_save_file(args)
     check_cli_args(args, world_size)
-    if args.base_seed < 0:
-        args.base_seed = random.randint(0, sys.maxsize)
 
 
 def default_save_file(args: argparse.Namespace) -> str:
@@ -205,7 +202,7 @@ def generate(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
     from wan.configs import WAN_CONFIGS
-    from wan.distributed.util import broadcast_seed
+    from wan.distributed.util import agree_on_seed
 
     rank, world_size, local_rank = init_distributed(args)
     init_logging(rank, args.debug)
@@ -213,7 +210,8 @@ def generate(args: argparse.Namespace) -> None:
         args.offload_model = world_size == 1
         logging.info('offload_model is not specified, set to %s.', args.offload_model)
     validate_args(args, world_size)
-    args.base_seed = broadcast_seed(args.base_seed)
+    # the one seed rule: a negative seed draws one (rank 0's under torchrun), ranks agree
+    args.base_seed = agree_on_seed(args.base_seed)
     cfg = WAN_CONFIGS[args.task]
     logging.info('Generation job args: %s', args)
     logging.info('Generation model config: %s', cfg)

@@ -55,7 +55,7 @@ def generate(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
     from wan.configs import WAN_CONFIGS
-    from wan.distributed.util import broadcast_seed
+    from wan.distributed.util import agree_on_seed
     from wan.optimizations import config_from_args
     from wan.text2video_optimized import WanT2VOptimized
 
@@ -77,7 +77,7 @@ def generate(args: argparse.Namespace) -> None:
         args.prompt = prompts[0]
     save_pattern = args.save_file
     ref_cli.validate_args(args, world_size)
-    args.base_seed = broadcast_seed(args.base_seed)
+    args.base_seed = agree_on_seed(args.base_seed)
     cfg = WAN_CONFIGS[args.task]
     logging.info('Generation job args: %s', args)
     logging.info('Generation model config: %s', cfg)

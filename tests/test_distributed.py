@@ -470,15 +470,17 @@ def test_cli_cfg_parallel_without_torchrun(tmp_path):
     rc, out = _run_cli([sys.executable, GENERATE, '--task', 't2v-tiny', '--random_init',
                         '--cfg_parallel', '--save_file', str(tmp_path / 'x.mp4')])
     assert rc == 1, out
-    assert '--cfg_parallel needs a distributed launch' in out
+    assert '--cfg_parallel on 1 process(es): CFG parallelism needs a distributed launch' in out
     assert not (tmp_path / 'x.mp4').exists()
 
 
 @pytest.mark.parametrize('world,flags,message', [
-    (2, ['--ulysses_size', '3'], '--ulysses_size 3 must equal the world size 2'),
+    (2, ['--ulysses_size', '3'], 'ulysses_size 3 must equal the world size 2'),
     (2, ['--ulysses_size', '2', '--cfg_parallel'], 'needs world size 4, got 2'),
-    (4, ['--ulysses_size', '4'], 'must divide the 2 attention heads'),
-    (1, ['--ulysses_size', '0'], '--ulysses_size must be >= 1'),
+    (4, ['--ulysses_size', '4'], 'the 2 attention heads to be divisible by the '
+                                 'sequence-parallel size 4'),
+    (1, ['--ulysses_size', '0'], 'ulysses_size must be >= 1'),
+    (1, ['--cfg_parallel'], 'CFG parallelism needs a distributed launch'),
 ])
 def test_validate_args_layout(world, flags, message, tmp_path):
     import generate
@@ -505,7 +507,7 @@ def test_cli_wrong_ulysses_size_fails_on_every_rank(tmp_path):
                         '--task', 't2v-tiny', '--random_init', '--ulysses_size', '3',
                         '--save_file', str(tmp_path / 'x.mp4')], timeout=90)
     assert rc != 0
-    assert out.count('--ulysses_size 3 must equal the world size 2') >= 2, out[-3000:]
+    assert out.count('ulysses_size 3 must equal the world size 2') >= 2, out[-3000:]
 
 
 def test_optimized_pipeline_cfg_parallel_wins_over_batched_cfg(monkeypatch):

@@ -11,8 +11,6 @@ import gc
 import logging
 import math
 import os
-import random
-import sys
 from contextlib import contextmanager
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -28,6 +26,7 @@ from .utils.fm_solvers import (FlowDPMSolverMultistepScheduler, get_sampling_sig
                                retrieve_timesteps)
 from .utils.fm_solvers_euler import FlowEulerScheduler
 from .utils.fm_solvers_unipc import FlowUniPCMultistepScheduler
+from .distributed.util import agree_on_seed
 from .utils.dtype_policy import dtype_rule
 from .utils.timing import PipelineObserver
 from .utils.validation import check_generation_args
@@ -375,12 +374,9 @@ class WanT2V:
         seq_len = self.seq_len_for(target_shape)
         if n_prompt == '':
             n_prompt = self.sample_neg_prompt
-        if dist.is_available() and dist.is_initialized():
-            # every rank must draw the same noise: ValueError on every rank if seeds differ
-            from .distributed.util import agree_on_seed
-            seed = agree_on_seed(seed)
-        else:
-            seed = seed if seed >= 0 else random.randint(0, sys.maxsize)
+        # every rank must draw the same noise: a negative seed draws one (rank 0's), and
+        # ValueError on every rank if the ranks were given different seeds
+        seed = agree_on_seed(seed)
         seed_g = torch.Generator(device=self.device)
         seed_g.manual_seed(seed)
 

@@ -38,9 +38,12 @@ class ParallelInfo:
 
 def parallel_layout(world_size: int, ulysses_size: Optional[int],
                     cfg_parallel: bool) -> Tuple[int, int]:
-    """(cfg_size, ulysses_size) for this world; ValueError when they do not multiply to it.
+    """(cfg_size, ulysses_size) for this world: the one rule of the parallel layout, used by
+    the CLIs' checks, the pipelines and the benchmark. ValueError when it does not hold.
 
-    `ulysses_size=None` means the whole world (divided by 2 with CFG parallelism). Pure
+    world = cfg_size (2 with CFG parallelism, else 1) x ulysses_size, except that without
+    CFG parallelism an ulysses_size of 1 lets every rank compute the whole video (FSDP-only
+    runs). `ulysses_size=None` means the whole world (halved with CFG parallelism). Pure
     arithmetic, no collective: it fails identically on every rank.
     """
     cfg_size = 2 if cfg_parallel else 1
@@ -51,10 +54,13 @@ def parallel_layout(world_size: int, ulysses_size: Optional[int],
         if world_size % cfg_size:
             raise ValueError(f'CFG parallelism needs an even world size, got {world_size}')
         ulysses_size = world_size // cfg_size
-    if ulysses_size < 1 or ulysses_size * cfg_size != world_size:
-        raise ValueError(f'world size {world_size} must equal ulysses_size {ulysses_size} x '
-                         f'{cfg_size} ({"with" if cfg_parallel else "without"} CFG '
-                         f'parallelism)')
+    if ulysses_size < 1:
+        raise ValueError(f'ulysses_size must be >= 1, got {ulysses_size}')
+    if cfg_parallel and ulysses_size * cfg_size != world_size:
+        raise ValueError(f'CFG parallelism with ulysses_size {ulysses_size} needs world size '
+                         f'{2 * ulysses_size}, got {world_size}')
+    if not cfg_parallel and ulysses_size > 1 and ulysses_size != world_size:
+        raise ValueError(f'ulysses_size {ulysses_size} must equal the world size {world_size}')
     return cfg_size, ulysses_size
 
 

@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-__all__ = ['get_world_size', 'get_rank', 'broadcast_seed', 'agree_on_seed']
+__all__ = ['get_world_size', 'get_rank', 'agree_on_seed']
 
 
 def _initialized() -> bool:
@@ -22,24 +22,16 @@ def get_rank() -> int:
     return dist.get_rank() if _initialized() else 0
 
 
-def broadcast_seed(seed: int) -> int:
-    """Rank 0's seed on every rank (a random -1 seed is drawn on each rank first)."""
-    if not _initialized():
-        return seed
-    device = torch.device('cuda', torch.cuda.current_device()) \
-        if dist.get_backend() == 'nccl' else torch.device('cpu')
-    t = torch.tensor([seed], dtype=torch.int64, device=device)
-    dist.broadcast(t, src=0)
-    return int(t.item())
-
-
 def _collective_device() -> torch.device:
     return torch.device('cuda', torch.cuda.current_device()) \
         if dist.get_backend() == 'nccl' else torch.device('cpu')
 
 
 def agree_on_seed(seed: int) -> int:
-    """The seed every rank will use; ValueError on every rank when the ranks disagree.
+    """The seed to use: the one place that decides it (the CLIs and WanT2V.generate call it).
+
+    A negative seed means "random": one is drawn (rank 0's under torchrun). With a process
+    group, ValueError on every rank when the ranks were given different seeds.
 
     One all_gather of (seed, random draw) from every rank, so all ranks see the same facts and
     either all raise or all return the same value (no rank left waiting). A negative seed on

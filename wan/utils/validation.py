@@ -289,10 +289,12 @@ def check_device_fits(config, task: str, device: Union[str, torch.device],
 
 # ------------------------------------------------------------------------------ the CLIs
 def check_parallel_layout(args: argparse.Namespace, world_size: int, num_heads: int) -> None:
-    """Pure argument checks, identical on every rank and before any collective, so that a
-    bad combination exits on every rank instead of hanging."""
-    if args.ulysses_size < 1:
-        raise UserError(f'--ulysses_size must be >= 1, got {args.ulysses_size}')
+    """The layout rule (`parallel_layout`) and the flags that need several processes, as
+    pure argument checks: identical on every rank and before any collective, so that a bad
+    combination exits on every rank instead of hanging."""
+    from wan.distributed.cfg_parallel import parallel_layout
+    from wan.distributed.sequence_parallel import check_sp_heads
+    cfg_parallel = getattr(args, 'cfg_parallel', False)
     if world_size == 1:
         if args.t5_fsdp or args.dit_fsdp:
             raise UserError('--t5_fsdp/--dit_fsdp need a distributed launch (torchrun with '
@@ -300,19 +302,13 @@ def check_parallel_layout(args: argparse.Namespace, world_size: int, num_heads: 
         if args.ulysses_size > 1:
             raise UserError('--ulysses_size > 1 needs a distributed launch (torchrun '
                             '--nproc_per_node=N)')
-        if getattr(args, 'cfg_parallel', False):
-            raise UserError('--cfg_parallel needs a distributed launch with 2 x ulysses_size '
-                            f'processes (torchrun --nproc_per_node={2 * args.ulysses_size})')
-    elif getattr(args, 'cfg_parallel', False):
-        if world_size != 2 * args.ulysses_size:
-            raise UserError(f'--cfg_parallel with --ulysses_size {args.ulysses_size} needs '
-                            f'world size {2 * args.ulysses_size}, got {world_size}')
-    elif args.ulysses_size > 1 and args.ulysses_size != world_size:
-        raise UserError(f'--ulysses_size {args.ulysses_size} must equal the world size '
-                        f'{world_size}')
-    if args.ulysses_size > 1 and num_heads % args.ulysses_size != 0:
-        raise UserError(f'--ulysses_size {args.ulysses_size} must divide the {num_heads} '
-                        f'attention heads')
+    try:
+        _, ulysses = parallel_layout(world_size, args.ulysses_size, cfg_parallel)
+        check_sp_heads(num_heads, ulysses)
+    except ValueError as exc:
+        raise UserError(f'--ulysses_size {args.ulysses_size}'
+                        f'{" --cfg_parallel" if cfg_parallel else ""} on {world_size} '
+                        f'process(es): {exc}') from None
 
 
 def check_cli_args(args: argparse.Namespace, world_size: int,
