@@ -29,6 +29,7 @@ EXAMPLE_PROMPT['t2v-tiny'] = EXAMPLE_PROMPT['t2v-A14B']
 
 def add_reference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The reference CLI's flags with the same names, types and defaults."""
+    from wan.text2video import SOLVERS
     from wan.configs import WAN_CONFIGS
     from wan.utils.utils import str2bool
     from wan.utils.validation import cli_size_choices
@@ -69,8 +70,9 @@ def add_reference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         choices=['zh', 'en'], help='(not supported)')
     parser.add_argument('--base_seed', type=int, default=-1,
                         help='The seed for generation (-1: random).')
-    parser.add_argument('--sample_solver', type=str, default='unipc',
-                        choices=['unipc', 'dpm++'], help='The solver used to sample.')
+    parser.add_argument('--sample_solver', type=str, default='unipc', choices=list(SOLVERS),
+                        help='The solver used to sample (euler: flow-matching Euler, for '
+                             'few-step distilled LoRAs; this project\'s addition).')
     parser.add_argument('--sample_steps', type=int, default=None,
                         help='The sampling steps (default: config, 40).')
     parser.add_argument('--sample_shift', type=float, default=None,
