@@ -18,20 +18,30 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .distributed.util import agree_on_seed
 from .modules.model import ForwardOptions, WanModel
 from .modules.t5 import T5EncoderModel
 from .modules.vae2_1 import Wan2_1_VAE
-from .utils.checkpoint import check_checkpoint_dir  # noqa: F401 (re-exported)
+from .utils.checkpoint import check_checkpoint_dir, module_tensor_shapes
+from .utils.dtype_policy import dtype_rule
 from .utils.fm_solvers import (FlowDPMSolverMultistepScheduler, get_sampling_sigmas,
                                retrieve_timesteps)
 from .utils.fm_solvers_euler import FlowEulerScheduler
 from .utils.fm_solvers_unipc import FlowUniPCMultistepScheduler
-from .distributed.util import agree_on_seed
-from .utils.dtype_policy import dtype_rule
+from .utils.lora import lora_merge_transform, merge_loras_
+from .utils.random_init import build_on_meta
 from .utils.timing import PipelineObserver
 from .utils.validation import check_generation_args
 
 __all__ = ['WanT2V', 'check_checkpoint_dir', 'SOLVERS']
+
+
+def _read_loras(*groups: Sequence) -> list:
+    """LoRA arguments (paths, 'PATH:STRENGTH' or LoraSpec) read and checked now."""
+    from .utils.lora import LoraSpec, load_lora, parse_lora_arg
+    specs = [s if isinstance(s, LoraSpec) else parse_lora_arg(str(s))
+             for group in groups for s in group]
+    return [load_lora(spec) for spec in specs]
 
 # sample_solver values: upstream's two, and flow-matching Euler
 SOLVERS = ('unipc', 'dpm++', 'euler')
@@ -59,7 +69,12 @@ class WanT2V:
                  random_init_seed: int = 0,
                  device: Optional[Union[str, torch.device]] = None,
                  cfg_parallel: bool = False,
-                 ulysses_size: Optional[int] = None):
+                 ulysses_size: Optional[int] = None,
+                 loras: Sequence = (),
+                 loras_high: Sequence = (),
+                 loras_low: Sequence = (),
+                 high_noise_file: Optional[str] = None,
+                 low_noise_file: Optional[str] = None):
         """Build the pipeline from `checkpoint_dir` (layout: docs/CHECKPOINTS.md#folder-layout).
 
         Keyword-only additions: `random_init` builds every component with deterministic
@@ -69,6 +84,11 @@ class WanT2V:
         conditional and unconditional passes on the two halves of the world
         (wan/distributed/cfg_parallel.py); `ulysses_size` is the Ulysses degree (default: the
         world size, halved with cfg_parallel, when use_sp; 1 otherwise).
+        `checkpoint_dir` may also hold the Diffusers layout or ComfyUI single files
+        (wan/utils/formats.py), or give the experts as `high_noise_file` / `low_noise_file`.
+        `loras` (both experts), `loras_high`, `loras_low` (one expert): LoRA files, each a path,
+        'PATH:STRENGTH' or a `wan.utils.lora.LoraSpec`, merged into the weights as they load
+        (wan/utils/lora.py).
         """
         # Distributed layout (SP / CFG parallel): validated before any collective, so that a
         # bad combination fails identically on every rank instead of hanging.
@@ -104,8 +124,12 @@ class WanT2V:
         self.param_dtype = config.param_dtype
         if t5_fsdp or dit_fsdp or use_sp or cfg_parallel:
             self.init_on_cpu = False
-        if not random_init:
-            check_checkpoint_dir(config, checkpoint_dir)
+        # every file checked before anything large is read: the checkpoint's layout and
+        # completeness, each LoRA file and its keys
+        self.layout = None if random_init else self.find_checkpoint(
+            config, checkpoint_dir, high_noise_file, low_noise_file)
+        self._loras = {'high_noise': _read_loras(loras, loras_high),
+                       'low_noise': _read_loras(loras, loras_low)}
         self.random_init = random_init
 
         if convert_model_dtype and self.device.type != 'cuda':
@@ -123,8 +147,10 @@ class WanT2V:
             shard_fn = lambda m, **kw: shard_model(m, device_id=self.device, **kw)  # noqa: E731
 
         t5_arch = {v: config[k] for k, v in T5_ARCH_KEYS.items() if k in config}
+        t5_source = None if random_init or self.layout.t5.layout == 'original' else \
+            self.layout.t5
         logging.info('loading %s', 'random T5 weights' if random_init else
-                     os.path.join(checkpoint_dir, config.t5_checkpoint))
+                     self.layout.t5.describe())
         # random weights are drawn where the fill is fast (the GPU), then kept on the CPU
         # like a loaded checkpoint
         self.text_encoder = T5EncoderModel(
@@ -133,22 +159,27 @@ class WanT2V:
             device=self.device if random_init else torch.device('cpu'),
             checkpoint_path=None if random_init else os.path.join(checkpoint_dir,
                                                                   config.t5_checkpoint),
-            tokenizer_path=os.path.join(checkpoint_dir, config.t5_tokenizer)
-            if checkpoint_dir else None,
+            tokenizer_path=self.layout.tokenizer.path if self.layout is not None else (
+                os.path.join(checkpoint_dir, config.t5_tokenizer) if checkpoint_dir else None),
             shard_fn=shard_fn if t5_fsdp else None,
             arch=t5_arch or None,
-            random_init_seed=random_init_seed if random_init else None)
+            random_init_seed=random_init_seed if random_init else None,
+            source=t5_source)
         self.text_encoder.model.to('cpu')
 
         self.vae_stride = config.vae_stride
         self.patch_size = config.patch_size
         logging.info('loading %s', 'random VAE weights' if random_init else
-                     os.path.join(checkpoint_dir, config.vae_checkpoint))
+                     self.layout.vae.describe())
+        vae_source = None if random_init or self.layout.vae.layout == 'original' else \
+            self.layout.vae
         self.vae = Wan2_1_VAE(
-            vae_pth=None if random_init else os.path.join(checkpoint_dir, config.vae_checkpoint),
+            vae_pth=None if random_init or vae_source else os.path.join(checkpoint_dir,
+                                                                        config.vae_checkpoint),
             device=self.device,
             dim=config.get('vae_dim', 96),
-            random_init_seed=random_init_seed + 1 if random_init else None)
+            random_init_seed=random_init_seed + 1 if random_init else None,
+            source=vae_source)
 
         # low-noise expert first, then high-noise, as the reference
         self.low_noise_model = self._build_expert(config.low_noise_checkpoint, checkpoint_dir,
@@ -211,19 +242,65 @@ class WanT2V:
         without a full fp32 copy in host memory first)."""
         return 'all' if self.convert_model_dtype else 'checkpoint'
 
+    @staticmethod
+    def find_checkpoint(config, checkpoint_dir: Optional[str],
+                        high_noise_file: Optional[str] = None,
+                        low_noise_file: Optional[str] = None):
+        """The checkpoint's layout (wan/utils/formats.py: original, Diffusers, ComfyUI files),
+        checked complete before anything is built: CheckpointError (or FileNotFoundError)
+        naming what was found and what is missing. An original-layout folder is checked
+        deeply (every shard, header, archive: wan/utils/checkpoint.py)."""
+        import glob
+
+        from .utils.formats import detect_layout
+        other = checkpoint_dir is not None and (
+            os.path.isfile(os.path.join(checkpoint_dir, 'model_index.json')) or
+            os.path.isdir(os.path.join(checkpoint_dir, 'transformer')) or
+            bool(glob.glob(os.path.join(checkpoint_dir, '*.safetensors'))))
+        if not other and high_noise_file is None and low_noise_file is None:
+            check_checkpoint_dir(config, checkpoint_dir)  # the released layout, deeply
+        layout = detect_layout(checkpoint_dir, high_noise_file=high_noise_file,
+                               low_noise_file=low_noise_file, config=config)
+        if layout.kind != 'original':
+            logging.info('checkpoint layout %s: sampling keeps this task\'s defaults (shift '
+                         '%s, boundary %s, guidance %s), whatever the folder\'s scheduler '
+                         'config says', layout.kind, config.sample_shift, config.boundary,
+                         config.sample_guide_scale)
+        return layout
+
+    def load_expert(self, name: str, seed: int, *, device: Union[str, torch.device],
+                    dtype_rule, before_load=None, place=None) -> WanModel:
+        """One expert ('high_noise' or 'low_noise'), from this pipeline's checkpoint layout or
+        random weights, each tensor in its `dtype_rule` dtype, on `device` (or where `place`
+        puts it), its LoRAs merged (as the tensors stream in: in the file's dtype, then
+        cast)."""
+        loras = self._loras[name]
+        if self.random_init:
+            logging.info('Creating WanModel %s with random weights (seed %d)', name, seed)
+            model = WanModel.from_random(seed=seed, device=device, dtype_rule=dtype_rule,
+                                         before_load=before_load, place=place,
+                                         **self._dit_kwargs())
+            if loras:
+                merge_loras_(model, loras)
+            return model
+        source = getattr(self.layout, f'{name}_model')
+        logging.info('Creating WanModel %s from %s', name, source.describe())
+        merge = None
+        if loras:
+            shapes = module_tensor_shapes(build_on_meta(lambda: WanModel(**self._dit_kwargs())))
+            merge = lora_merge_transform(loras, shapes)
+        return WanModel.from_source(source, self._dit_kwargs(), device=device,
+                                    dtype_rule=dtype_rule, transform=merge, place=place,
+                                    before_load=before_load, fp8_dtype=self.param_dtype)
+
     def _build_expert(self, subfolder, checkpoint_dir, seed, use_sp, dit_fsdp, shard_fn,
                       convert_model_dtype) -> torch.nn.Module:
         rule = dtype_rule(WanModel, self.expert_dtype_mode(), self.param_dtype)
-        if self.random_init:
-            logging.info('Creating WanModel %s with random weights (seed %d)', subfolder, seed)
-            # Materialise where the weights will be used (no host copy of a 57 GB expert);
-            # the placement rules below then apply as for a loaded checkpoint.
-            model = WanModel.from_random(seed=seed, device=self.device, dtype_rule=rule,
-                                         **self._dit_kwargs())
-        else:
-            logging.info('Creating WanModel from %s', os.path.join(checkpoint_dir, subfolder))
-            model = WanModel.from_pretrained(checkpoint_dir, subfolder=subfolder,
-                                             dtype_rule=rule)
+        name = 'high_noise' if subfolder == self.config.high_noise_checkpoint else 'low_noise'
+        # random weights are drawn where the weights are used (no host copy of a 57 GB
+        # expert), a checkpoint is read on the CPU; the placement rules below then apply
+        model = self.load_expert(name, seed, device=self.device if self.random_init else 'cpu',
+                                 dtype_rule=rule)
         return self._configure_model(model, use_sp, dit_fsdp, shard_fn, convert_model_dtype)
 
     @property

@@ -289,15 +289,9 @@ class WanT2VOptimized(WanT2V):
             return make_place(runner[0], self.device)(tensor_name, tensor)
 
         hooks = dict(before_load=before_load, place=place) if streamed else {}
-        logging.info('Creating WanModel %s (%s)', subfolder,
-                     'streamed from page-locked host memory' if streamed else
+        logging.info('%s: %s', name, 'streamed from page-locked host memory' if streamed else
                      'resident on the GPU')
-        if self.random_init:
-            model = WanModel.from_random(seed=seed, device=self.device, dtype_rule=rule,
-                                         **hooks, **self._dit_kwargs())
-        else:
-            model = WanModel.from_pretrained(checkpoint_dir, subfolder=subfolder,
-                                             device=self.device, dtype_rule=rule, **hooks)
+        model = self.load_expert(name, seed, device=self.device, dtype_rule=rule, **hooks)
         if streamed:
             runner[0].pin()
             model.block_runner = runner[0]

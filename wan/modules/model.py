@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..utils.checkpoint import (DtypeRule, Place, Rename, Transform, iter_safetensors,
+from ..utils.checkpoint import (DtypeRule, Place, Rename, Transform, chain, iter_safetensors,
                                 load_tensors_, require_file, save_sharded_safetensors,
                                 safetensors_files)
 from ..utils.random_init import build_on_meta, init_random_weights_
@@ -652,6 +652,42 @@ class WanModel(nn.Module):
                       dtype=dtype_rule or torch_dtype,
                       expected_names=weight_map.keys() if weight_map else None,
                       rename=rename, transform=transform, place=place)
+        model.freqs = model.freqs.to(device or 'cpu')
+        return model.eval().requires_grad_(False)
+
+    @classmethod
+    def from_source(cls, source: Any, default_kwargs: Dict[str, Any],
+                    device: torch.device | str | None = None, *,
+                    dtype_rule: Optional[DtypeRule] = None,
+                    transform: Optional[Transform] = None,
+                    place: Optional[Place] = None,
+                    before_load: Optional[Callable[['WanModel'], None]] = None,
+                    fp8_dtype: torch.dtype = torch.bfloat16) -> 'WanModel':
+        """An expert from any checkpoint layout (a `wan.utils.formats.ComponentSource`): the
+        original folder (its config.json), a Diffusers `transformer*/` folder (its config,
+        diffusers names mapped to ours) or a ComfyUI single file (no config: `default_kwargs`,
+        the task's; scaled fp8 dequantized to `fp8_dtype`). `transform` runs after the
+        layout's own (e.g. a LoRA merge); the other hooks are from_pretrained's."""
+        if source.layout == 'original':
+            kwargs = cls.read_config(source.path)
+        elif source.config_path is not None:
+            from ..utils.formats import wan_kwargs_from_diffusers_config
+            with open(source.config_path) as f:
+                kwargs = wan_kwargs_from_diffusers_config(json.load(f))
+            kwargs = {k: v for k, v in kwargs.items() if k not in cls.ignore_for_config}
+        else:
+            kwargs = dict(default_kwargs)
+        model = build_on_meta(lambda: cls(**kwargs))
+        if before_load is not None:
+            before_load(model)
+        tensors = source.iter_tensors()
+        n = len(model.state_dict())
+        if n > 100:  # a real expert: show progress over its ~1100 tensors
+            from tqdm import tqdm
+            tensors = tqdm(tensors, total=n, desc=f'loading {source.describe()}', unit='tensor')
+        load_tensors_(model, tensors, source=source.path, device=device or 'cpu',
+                      dtype=dtype_rule, rename=source.rename,
+                      transform=chain(source.transform(fp8_dtype), transform), place=place)
         model.freqs = model.freqs.to(device or 'cpu')
         return model.eval().requires_grad_(False)
 

@@ -354,6 +354,8 @@ class T5EncoderModel:
         arch: overrides of the umt5_xxl architecture keys (tiny test/demo encoders).
         random_init_seed: if not None, fill deterministic random weights instead of loading a
             checkpoint; then a missing tokenizer folder falls back to `ByteTokenizer`.
+        source: instead of checkpoint_path, a `wan.utils.formats.ComponentSource` (another
+            checkpoint layout: Diffusers text_encoder/, ComfyUI umt5 file), renamed on load.
     """
 
     def __init__(self, text_len: int, dtype: torch.dtype = torch.bfloat16,
@@ -361,7 +363,8 @@ class T5EncoderModel:
                  checkpoint_path: Optional[str] = None, tokenizer_path: Optional[str] = None,
                  shard_fn: Optional[Callable[..., nn.Module]] = None, *,
                  arch: Optional[Dict[str, Any]] = None,
-                 random_init_seed: Optional[int] = None) -> None:
+                 random_init_seed: Optional[int] = None,
+                 source: Optional[Any] = None) -> None:
         self.text_len = text_len
         self.dtype = dtype
         self.device = _default_device() if device is None else torch.device(device)
@@ -369,7 +372,7 @@ class T5EncoderModel:
         self.tokenizer_path = tokenizer_path
 
         # Fail on missing files before building or reading anything large.
-        if random_init_seed is None:
+        if random_init_seed is None and source is None:
             if checkpoint_path is None:
                 raise ValueError('T5EncoderModel needs checkpoint_path (or random_init_seed)')
             require_file(checkpoint_path, 'T5 checkpoint')
@@ -392,6 +395,11 @@ class T5EncoderModel:
         model.eval().requires_grad_(False)
         if random_init_seed is not None:
             init_random_weights_(model, seed=random_init_seed, device=self.device, dtype=dtype)
+        elif source is not None:
+            # another checkpoint layout (wan/utils/formats.py): its names mapped to ours
+            load_tensors_(model, source.iter_tensors(), source=source.path, device=self.device,
+                          dtype=dtype, rename=source.rename, transform=source.transform(dtype))
+            logger.info('loaded T5 encoder from %s', source.describe())
         else:
             load_tensors_(model, read_pth(checkpoint_path).items(), source=checkpoint_path,
                           device=self.device, dtype=dtype)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -517,8 +517,9 @@ class Wan2_1_VAE:
 
     def __init__(self, z_dim: int = 16, vae_pth: str = 'cache/vae_step_411000.pth',
                  dtype: torch.dtype = torch.float, device: Union[str, int, torch.device] = 'cuda',
-                 *, dim: int = 96, random_init_seed: Optional[int] = None) -> None:
-        if random_init_seed is None:
+                 *, dim: int = 96, random_init_seed: Optional[int] = None,
+                 source: Optional[Any] = None) -> None:
+        if random_init_seed is None and source is None:
             # Fail on a missing file before allocating anything.
             require_file(vae_pth, 'Wan2.1 VAE checkpoint')
         self.dtype = dtype
@@ -529,7 +530,12 @@ class Wan2_1_VAE:
         self.scale = [self.mean, 1.0 / self.std]
 
         model = build_on_meta(lambda: _video_vae(z_dim=z_dim, dim=dim))
-        if random_init_seed is None:
+        if source is not None:
+            # another checkpoint layout (wan/utils/formats.py): its names mapped to ours
+            logger.info('loading Wan2.1 VAE from %s', source.describe())
+            load_tensors_(model, source.iter_tensors(), source=source.path, device=device,
+                          dtype=dtype, rename=source.rename, transform=source.transform(dtype))
+        elif random_init_seed is None:
             logger.info('loading Wan2.1 VAE from %s', vae_pth)
             load_tensors_(model, read_pth(vae_pth).items(), source=vae_pth, device=device,
                           dtype=dtype)
