@@ -100,7 +100,37 @@ def add_reference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument('--debug', action='store_true', default=False,
                         help='Debug logging, and the full traceback of an error (otherwise '
                              'one "error: ..." line).')
+    g = parser.add_argument_group('checkpoints, LoRAs and presets (this project\'s additions)')
+    g.add_argument('--lora', action='append', default=[], type=_lora_arg,
+                   metavar='PATH[:STRENGTH]',
+                   help='A LoRA for both experts, merged into the weights as they load '
+                        '(repeatable; strength 1.0 by default).')
+    g.add_argument('--lora_high', action='append', default=[], type=_lora_arg,
+                   metavar='PATH[:STRENGTH]', help='A LoRA for the high-noise expert only.')
+    g.add_argument('--lora_low', action='append', default=[], type=_lora_arg,
+                   metavar='PATH[:STRENGTH]', help='A LoRA for the low-noise expert only.')
+    g.add_argument('--high_noise_file', default=None,
+                   help='The high-noise expert as one file or folder (e.g. ComfyUI\'s '
+                        'wan2.2_t2v_high_noise_14B_fp16.safetensors) instead of --ckpt_dir\'s.')
+    g.add_argument('--low_noise_file', default=None,
+                   help='The low-noise expert likewise.')
+    from wan.configs.presets import PRESETS
+    g.add_argument('--preset', default=None, choices=sorted(PRESETS),
+                   help='Sampling settings of a known recipe for the options left at their '
+                        'defaults (lightning: the 4-step Wan2.2-Lightning LoRAs: Euler, '
+                        '4 steps, shift 5, guidance 1.0; give its LoRAs with --lora_high/'
+                        '--lora_low).')
     return parser
+
+
+def _lora_arg(text: str):
+    """argparse type of --lora*: PATH or PATH:STRENGTH (the file is read later, before any
+    model is built)."""
+    from wan.utils.lora import parse_lora_arg
+    try:
+        return parse_lora_arg(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,6 +146,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     from wan.utils.validation import check_cli_args, check_task
     check_task(args.task)
     cfg = WAN_CONFIGS[args.task]
+    apply_preset(args, cfg)
     if args.size is None:
         args.size = default_size(args.task)
     if args.sample_steps is None:
@@ -131,6 +162,23 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.save_file is None:
         args.save_file = default_save_file(args)
     check_cli_args(args, world_size)
+
+
+def apply_preset(args: argparse.Namespace, cfg) -> None:
+    """--preset: the recipe's settings for every option still at its default (explicit flags
+    win); its boundary replaces the task's."""
+    if getattr(args, 'preset', None) is None:
+        return
+    from wan.configs.presets import PRESETS
+    recipe = PRESETS[args.preset]
+    defaults = {'sample_solver': 'unipc'}
+    for key in ('sample_solver', 'sample_steps', 'sample_shift', 'sample_guide_scale'):
+        if key in recipe and getattr(args, key) == defaults.get(key):
+            setattr(args, key, recipe[key])
+    args.boundary = recipe.get('boundary', cfg.boundary)
+    logging.info('preset %s: solver %s, %d steps, shift %s, guidance %s, boundary %s',
+                 args.preset, args.sample_solver, args.sample_steps, args.sample_shift,
+                 args.sample_guide_scale, args.boundary)
 
 
 def default_save_file(args: argparse.Namespace) -> str:
@@ -192,12 +240,17 @@ def build_pipeline(args, cfg, rank, local_rank, pipeline_cls=None, **extra):
     import wan
     cls = pipeline_cls or wan.WanT2V
     logging.info('Creating %s pipeline.', cls.__name__)
-    return cls(config=cfg, checkpoint_dir=args.ckpt_dir, device_id=local_rank, rank=rank,
+    pipe = cls(config=cfg, checkpoint_dir=args.ckpt_dir, device_id=local_rank, rank=rank,
                t5_fsdp=args.t5_fsdp, dit_fsdp=args.dit_fsdp, use_sp=(args.ulysses_size > 1),
                t5_cpu=args.t5_cpu, convert_model_dtype=args.convert_model_dtype,
                random_init=args.random_init, random_init_seed=args.random_init_seed,
                cfg_parallel=getattr(args, 'cfg_parallel', False),
-               ulysses_size=args.ulysses_size, **extra)
+               ulysses_size=args.ulysses_size, loras=args.lora, loras_high=args.lora_high,
+               loras_low=args.lora_low, high_noise_file=args.high_noise_file,
+               low_noise_file=args.low_noise_file, **extra)
+    if getattr(args, 'boundary', None) is not None:  # a --preset's
+        pipe.boundary = args.boundary
+    return pipe
 
 
 def generate(args: argparse.Namespace) -> None:

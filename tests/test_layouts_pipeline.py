@@ -125,3 +125,30 @@ def test_a_missing_lora_is_refused_before_any_model_is_built(tmp_path, tiny_cfg,
     monkeypatch.setattr(t2v, 'T5EncoderModel', lambda *a, **k: pytest.fail('T5 was built'))
     with pytest.raises(FileNotFoundError, match='LoRA file not found'):
         WanT2V(tiny_cfg, str(original), loras=[str(tmp_path / 'nope.safetensors')])
+
+
+def test_preset_lightning_fills_what_was_not_given(tmp_path):
+    import generate
+    p = generate._parser()
+    args = p.parse_args(['--task', 't2v-tiny', '--random_init', '--preset', 'lightning',
+                         '--save_file', str(tmp_path / 'x.mp4')])
+    generate.validate_args(args, 1)
+    assert (args.sample_solver, args.sample_steps, args.sample_shift,
+            args.sample_guide_scale, args.boundary) == ('euler', 4, 5.0, (1.0, 1.0), 0.875)
+    args = p.parse_args(['--task', 't2v-tiny', '--random_init', '--preset', 'lightning',
+                         '--sample_steps', '6', '--save_file', str(tmp_path / 'x.mp4')])
+    generate.validate_args(args, 1)
+    assert args.sample_steps == 6 and args.sample_solver == 'euler'  # explicit flags win
+
+
+def test_lora_flags(tmp_path, capsys):
+    import generate
+    with pytest.raises(SystemExit):
+        generate._parser().parse_args(['--lora', 'x.safetensors:abc:'])
+    assert 'argument --lora:' in capsys.readouterr().err  # the parser's own message
+    rc = generate.main(['--task', 't2v-tiny', '--random_init', '--lora',
+                        str(tmp_path / 'missing.safetensors'), '--save_file',
+                        str(tmp_path / 'x.mp4')])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count('error:') == 1 and 'LoRA file not found' in err
+    assert not (tmp_path / 'x.mp4').exists()
