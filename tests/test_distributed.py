@@ -456,7 +456,7 @@ def test_bad_input_in_pipeline_raises_on_every_rank(tmp_path):
     for r in res:
         assert r['seed_error'] and 'different seeds [100, 101]' in r['seed_error']
         assert r['heads_error'] and 'divisible' in r['heads_error']
-        assert r['layout_error'] and 'must equal ulysses_size 2 x 2' in r['layout_error']
+        assert r['layout_error'] and 'needs world size 4, got 2' in r['layout_error']
     assert res[0]['random_seed'] == res[1]['random_seed'] >= 0
 
 

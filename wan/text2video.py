@@ -157,8 +157,8 @@ class WanT2V:
             text_len=config.text_len,
             dtype=config.t5_dtype,
             device=self.device if random_init else torch.device('cpu'),
-            checkpoint_path=None if random_init else os.path.join(checkpoint_dir,
-                                                                  config.t5_checkpoint),
+            checkpoint_path=None if random_init or t5_source else os.path.join(
+                checkpoint_dir, config.t5_checkpoint),
             tokenizer_path=self.layout.tokenizer.path if self.layout is not None else (
                 os.path.join(checkpoint_dir, config.t5_tokenizer) if checkpoint_dir else None),
             shard_fn=shard_fn if t5_fsdp else None,

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -93,6 +93,11 @@ class WanT2VOptimized(WanT2V):
                  device: Optional[Union[str, torch.device]] = None,
                  cfg_parallel: bool = False,
                  ulysses_size: Optional[int] = None,
+                 loras: Sequence = (),
+                 loras_high: Sequence = (),
+                 loras_low: Sequence = (),
+                 high_noise_file: Optional[str] = None,
+                 low_noise_file: Optional[str] = None,
                  gpu_memory_gib: Optional[float] = None,
                  plan_size: Optional[Tuple[Tuple[int, int], int]] = None):
         # set before the models are built: the experts load in its dtype policy and where
@@ -114,7 +119,9 @@ class WanT2VOptimized(WanT2V):
                          t5_fsdp=t5_fsdp, dit_fsdp=dit_fsdp, use_sp=use_sp, t5_cpu=t5_cpu,
                          init_on_cpu=init_on_cpu, convert_model_dtype=convert_model_dtype,
                          random_init=random_init, random_init_seed=random_init_seed,
-                         device=device, cfg_parallel=cfg_parallel, ulysses_size=ulysses_size)
+                         device=device, cfg_parallel=cfg_parallel, ulysses_size=ulysses_size,
+                         loras=loras, loras_high=loras_high, loras_low=loras_low,
+                         high_noise_file=high_noise_file, low_noise_file=low_noise_file)
         self._optimize()
 
     @classmethod

@@ -376,7 +376,7 @@ class T5EncoderModel:
             if checkpoint_path is None:
                 raise ValueError('T5EncoderModel needs checkpoint_path (or random_init_seed)')
             require_file(checkpoint_path, 'T5 checkpoint')
-        elif checkpoint_path is not None:
+        elif random_init_seed is not None and checkpoint_path is not None:
             logger.info('random_init_seed=%d given: ignoring T5 checkpoint %s',
                         random_init_seed, checkpoint_path)
 
