@@ -5,6 +5,7 @@ dtype, weights written to disk, optimized upgrade) build their own.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -26,3 +27,24 @@ def tiny_pipe(tiny_cfg):
     """The reference pipeline on the tiny config, random weights, CPU (bf16 autocast)."""
     from wan.text2video import WanT2V
     return WanT2V(tiny_cfg, None, random_init=True, device='cpu')
+
+
+@pytest.fixture
+def one_thread():
+    """Run on one CPU thread: CPU kernels (VAE convs, reductions) may round differently with
+    other thread counts, and bit-for-bit comparisons need one."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def restore_logging():
+    """Undo the CLIs' logging.basicConfig(force=True) after a test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -159,16 +159,6 @@ def test_failing_save_exits_nonzero_subprocess(tmp_path):
     assert np.load(out_dir / 'x.frames.npy').shape == (5, 64, 128, 3)
 
 
-@pytest.fixture
-def restore_logging():
-    import logging
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 class FailingWriter:
     """Stands in for the ffmpeg writer: writes some bytes to its file, then raises `error`
     at the third frame."""

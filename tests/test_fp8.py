@@ -199,16 +199,6 @@ def _forward(model):
         return model(lat, torch.tensor([700]), ctx, seq_len=48)[0]
 
 
-@pytest.fixture
-def one_thread():
-    # CPU reductions may split differently with several threads on a loaded machine; bit
-    # comparisons run on one thread (as tests/test_reference_fixture.py does)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_no_swap_forward_bit_unchanged_and_swap_close(one_thread):
     ref = _forward(WanModel.from_random(seed=2, **TINY))
     model = WanModel.from_random(seed=2, **TINY)

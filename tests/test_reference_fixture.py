@@ -22,15 +22,6 @@ def recorded():
     return torch.load(os.path.join(HERE, 'data', 'reference_tiny.pt'), weights_only=True)
 
 
-@pytest.fixture
-def one_thread():
-    # the CPU VAE decode rounds differently with other thread counts (the recording used 1)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize('name', list(fixture.CASES))
 def test_reference_path_is_bit_identical_to_recording(recorded, one_thread, name):
     want = recorded['cases'][name]

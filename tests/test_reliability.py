@@ -39,12 +39,8 @@ FAST = ['--sample_steps', '1', '--frame_num', '5']
 
 
 @pytest.fixture(autouse=True)
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+def _logging_restored(restore_logging):
+    """Every test here may run a CLI (tests/conftest.py: restore_logging)."""
 
 
 @pytest.fixture
@@ -56,6 +52,7 @@ def no_model_build(monkeypatch):
     monkeypatch.setattr(t2v, 'T5EncoderModel', boom)
     monkeypatch.setattr(t2v, 'Wan2_1_VAE', boom)
     monkeypatch.setattr(t2v.WanModel, 'from_pretrained', boom)
+    monkeypatch.setattr(t2v.WanModel, 'from_source', boom)
     monkeypatch.setattr(t2v.WanModel, 'from_random', boom)
     monkeypatch.setattr(generate, 'build_pipeline', boom)
 
