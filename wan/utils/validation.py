@@ -14,7 +14,7 @@ import logging
 import math
 import operator
 import os
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
