@@ -14,6 +14,9 @@ import imageio
 import numpy as np
 import pytest
 
+# the CLIs run as subprocesses (a few seconds each)
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATE = os.path.join(REPO_ROOT, 'generate.py')
 GENERATE_OPT = os.path.join(REPO_ROOT, 'generate_optimized.py')

@@ -23,6 +23,9 @@ from datetime import timedelta
 import pytest
 import torch
 
+# every test here starts processes (gloo groups, torchrun)
+pytestmark = pytest.mark.distributed
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATE = os.path.join(REPO_ROOT, 'generate.py')
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')

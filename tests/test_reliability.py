@@ -546,6 +546,7 @@ def run_cli(args, cwd, env=None):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 def test_subprocess_save_file_without_extension(tmp_path):
     (tmp_path / 'out').mkdir()
     rc, out, err = run_cli(TINY + ['--save_file', 'out/vnoext'], cwd=tmp_path)
@@ -555,6 +556,7 @@ def test_subprocess_save_file_without_extension(tmp_path):
     assert 'Creating WanT2V' not in out and os.listdir(tmp_path / 'out') == []
 
 
+@pytest.mark.slow
 def test_subprocess_silent_encoder_failure(tmp_path):
     """An encoder that exits 0 but writes a broken file (ffmpeg on a full disk): exit 1 and
     the frames kept, where the old code printed Finished. and left the broken file."""
@@ -575,6 +577,7 @@ def test_subprocess_silent_encoder_failure(tmp_path):
     assert np.load(out_dir / 'v.frames.npy').shape == (5, 64, 128, 3)
 
 
+@pytest.mark.slow
 def test_subprocess_truncated_shard(tiny_ckpt, tmp_path):
     shard = tiny_ckpt / 'low_noise_model' / _shards(tiny_ckpt / 'low_noise_model')[0]
     truncate(shard)
