@@ -151,6 +151,23 @@ def test_optimize_t2v_validates_and_uses_the_task_defaults(capsys):
     assert (report['size'], report['frame_num']) == ('1280*720', 81)
 
 
+def test_optimize_t2v_reports_the_plan_for_a_given_gpu_size(capsys):
+    """No GPU needed: the plan a 24 / 80 GiB GPU would get at 720p on a 128 GiB host, and a
+    non-zero exit (with the shortfall) when nothing fits."""
+    import optimize_t2v
+    argv = ['--size', '1280*720', '--no-time', '--json', '--host_memory_gib', '128']
+    assert optimize_t2v.main(argv + ['--gpu_memory_gib', '24']) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out['memory_plan'].startswith('high_noise streamed, low_noise streamed')
+    assert optimize_t2v.main(argv + ['--gpu_memory_gib', '80']) == 0
+    assert json.loads(capsys.readouterr().out)['memory_plan'].startswith(
+        'high_noise resident, low_noise resident')
+    assert optimize_t2v.main(argv + ['--gpu_memory_gib', '12']) == 1
+    assert 'does not fit: the VAE decode' in json.loads(capsys.readouterr().out)['memory_plan']
+    with pytest.raises(SystemExit, match='must be positive'):
+        optimize_t2v.main(argv + ['--gpu_memory_gib', '0'])
+
+
 def test_toggle_flags_come_from_the_optimization_config():
     from dataclasses import fields
 
