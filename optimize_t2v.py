@@ -102,9 +102,10 @@ def main(argv=None) -> int:
                      args.gpu_memory_gib, args.host_memory_gib)
     except RequestError as exc:
         raise SystemExit(f'error: {exc}')
+    status = 0 if out.get('memory_plan_fits', True) else 1
     if args.json:
         print(json.dumps(out, indent=2, default=str))
-        return 0
+        return status
     for key, value in out.items():
         if key == 'memory_plan_estimates_gib':
             continue
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
                                                else v['error']))
         else:
             print(f'{key}: {value}')
-    return 0 if out.get('memory_plan_fits', True) else 1
+    return status
 
 
 if __name__ == '__main__':
