@@ -57,6 +57,9 @@ def main() -> int:
     p.add_argument('--steps', type=int, default=2)
     p.add_argument('--output', default=None)
     args = p.parse_args()
+    import logging
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format='[%(asctime)s] %(levelname)s: %(message)s')
     if not torch.cuda.is_available():
         print('bench/placement_check.py needs a CUDA GPU')
         return 2
