@@ -42,6 +42,10 @@ RUNS = {
     'scaling_cfg': 'h200x4_1280x720_scaling_cfg_8d710fc.json',
     'vae_h100': 'h100_vae_check_720p81f_8d710fc.json',
     'vae_h200': 'h200_vae_check_720p21f_8d710fc.json',
+    # after the seams refactor (issue 10), the same command as '480p' on an H200
+    '480p_after_seams': 'h200_832x480_both_9a0d91b.json',
+    # bench/placement_check.py: resident vs GPU caps (block streaming), one process
+    'placement': 'h200_placement_9a0d91b.json',
 }
 # the runs of the ablation table, in order
 ABLATION_RUNS = ('ablation_batched', '480p_default', 'ablation')
@@ -474,7 +478,59 @@ def table_scaling() -> str:
     return '\n'.join(rows)
 
 
+def table_stages_after_seams() -> str:
+    """The 480p both-modes run before (H100) and after (H200) the seams refactor: the
+    optimized/reference ratio and the optimized step over the floor, each inside its own run."""
+    rows = ['| run | GPU | commit | reference step (s) | optimized step (s) | speed-up per step '
+            '| optimized step / floor | PSNR vs reference (dB) |', '|---|---|---|---|---|---|---|---|']
+    for name in ('480p', '480p_after_seams'):
+        r = load(name)
+        b, o = r['modes']['baseline']['steps'], r['modes']['optimized']['steps']
+        sp = r['speedup']
+        rows.append(f"| `{RUNS[name]}` | {r['env']['gpu']} | {commit_of(name)} | "
+                    f"{f(b['high']['median_seconds'])} / {f(b['low']['median_seconds'])} | "
+                    f"{f(o['high']['median_seconds'])} / {f(o['low']['median_seconds'])} | "
+                    f"{f(sp['step_high'], 2, 'x')} / {f(sp['step_low'], 2, 'x')} | "
+                    f"{f(o['high'].get('ratio_to_floor'), 3)} / "
+                    f"{f(o['low'].get('ratio_to_floor'), 3)} | "
+                    f"{f(r['agreement']['psnr_db'], 1)} |")
+    rows += ['', 'Each value pair is high-noise / low-noise expert; both modes ran in one process '
+                 'on the same random weights (command in each JSON: `--mode both --size 832*480 '
+                 '--sample_steps 2`). The two runs are on different GPUs, so only the in-run '
+                 'ratios compare.']
+    return '\n'.join(rows)
+
+
+def table_placement() -> str:
+    """bench/placement_check.py: the same generation resident and under GPU caps."""
+    data = load_raw('placement')
+    rows = [f"Source: `bench/results/{RUNS['placement']}` — {data['gpu']}, torch "
+            f"{data['torch']}, t2v-A14B, {data['frames']} frames, {data['steps']} measured "
+            f"steps (one per expert), {data['weights']}, commit {commit_of('placement')}, "
+            f"command `{data['command'].replace('/root/out/', '')}`.", '',
+            '| size | GPU cap (GiB) | plan | DiT step high / low (s) | step vs resident '
+            '| peak GPU allocated / reserved (GiB) | video vs resident |',
+            '|---|---|---|---|---|---|---|']
+    for r in data['runs']:
+        cap = 'none' if r['cap_gib'] is None else f"{r['cap_gib']:g}"
+        if 'error' in r:
+            rows.append(f"| {r['size']} | {cap} | refused: {r['error']} | | | | |")
+            continue
+        st, ratio = r['step_seconds'], r.get('step_ratio_to_first_run')
+        same = ('identical' if r.get('identical_to_first_run') else
+                f"PSNR {f(r.get('psnr_vs_first_run_db'), 1)} dB") \
+            if 'identical_to_first_run' in r else '(the resident run)'
+        rows.append(f"| {r['size']} | {cap} | {r['plan'].split('; GPU peak')[0]} | "
+                    f"{f(st['high'])} / {f(st['low'])} | "
+                    + (f"{f(ratio['high'], 3)} / {f(ratio['low'], 3)}" if ratio else '1') +
+                    f" | {f(r['peak_gpu_gib'], 1)} / {f(r['peak_gpu_reserved_gib'], 1)} | "
+                    f"{same} |")
+    return '\n'.join(rows)
+
+
 TABLES = {
+    'stages-after-seams': table_stages_after_seams,
+    'placement': table_placement,
     'key-figures': table_key_figures,
     'targets': table_targets,
     'planner': table_planner,
