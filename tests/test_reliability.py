@@ -587,3 +587,14 @@ def test_subprocess_truncated_shard(tiny_ckpt, tmp_path):
     lines = error_lines(err)
     assert len(lines) == 1 and str(shard) in lines[0] and 'truncated' in lines[0]
     assert 'Creating WanT2V' not in out and not (tmp_path / 'v.mp4').exists()
+
+
+def test_python_api_refuses_a14b_on_a_small_cpu_machine_before_building(monkeypatch):
+    """WanT2V itself (not only the CLIs) refuses a task the machine cannot hold, before any
+    model is built."""
+    import wan.utils.validation as validation
+    from wan.configs import WAN_CONFIGS
+    monkeypatch.setattr(validation, 'host_memory_bytes', lambda: 64 * 2**30)
+    monkeypatch.setattr(t2v, 'T5EncoderModel', lambda *a, **k: pytest.fail('T5 was built'))
+    with pytest.raises(validation.UserError, match='needs 118 GiB'):
+        t2v.WanT2V(WAN_CONFIGS['t2v-A14B'], None, random_init=True, device='cpu')

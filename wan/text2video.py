@@ -31,7 +31,7 @@ from .utils.fm_solvers_unipc import FlowUniPCMultistepScheduler
 from .utils.lora import lora_merge_transform, merge_loras_
 from .utils.random_init import build_on_meta
 from .utils.timing import PipelineObserver
-from .utils.validation import check_generation_args
+from .utils.validation import check_device_fits, check_generation_args
 
 __all__ = ['WanT2V', 'check_checkpoint_dir', 'SOLVERS']
 
@@ -115,6 +115,10 @@ class WanT2V:
             self.sp_group, self.cfg_group, self.parallel_info = make_groups(
                 world, ulysses_size, cfg_parallel)
         self.device = self.resolve_device(device, device_id)
+        # a machine that cannot hold the task is refused before anything is read
+        from .configs import WAN_CONFIGS
+        check_device_fits(config, next((k for k, v in WAN_CONFIGS.items() if v is config),
+                                       config.get('__name__', 'this task')), self.device)
         self.config = config
         self.rank = rank
         self.t5_cpu = t5_cpu
