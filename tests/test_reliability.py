@@ -596,5 +596,5 @@ def test_python_api_refuses_a14b_on_a_small_cpu_machine_before_building(monkeypa
     from wan.configs import WAN_CONFIGS
     monkeypatch.setattr(validation, 'host_memory_bytes', lambda: 64 * 2**30)
     monkeypatch.setattr(t2v, 'T5EncoderModel', lambda *a, **k: pytest.fail('T5 was built'))
-    with pytest.raises(validation.UserError, match='needs 118 GiB'):
+    with pytest.raises(validation.UserError, match='weights alone need 118 GiB'):
         t2v.WanT2V(WAN_CONFIGS['t2v-A14B'], None, random_init=True, device='cpu')
