@@ -82,7 +82,10 @@ def generate(args: argparse.Namespace) -> None:
     logging.info('Generation job args: %s', args)
     logging.info('Generation model config: %s', cfg)
 
-    opts = config_from_args(args)
+    try:
+        opts = config_from_args(args)
+    except ValueError as exc:  # e.g. an unknown --quantize part: before anything is built
+        raise UserError(str(exc)) from None
     from wan.configs import SIZE_CONFIGS
     pipe = ref_cli.build_pipeline(args, cfg, rank, local_rank, pipeline_cls=WanT2VOptimized,
                                   optimizations=opts, gpu_memory_gib=args.gpu_memory_gib,

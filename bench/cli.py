@@ -52,6 +52,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--attention', default='auto', choices=list(ATTENTION_CHOICES))
     p.add_argument('--compile_mode', default='default', choices=list(COMPILE_MODES))
     p.add_argument('--ffn_chunk_tokens', type=int, default=OptimizationConfig().ffn_chunk_tokens)
+    p.add_argument('--quantize', default=OptimizationConfig().quantize,
+                   help='optimized mode, lossy: fp8 block linears (ffn, attn_proj, cross_attn, '
+                        'all or fp8; none = off)')
     p.add_argument('--gpu_memory_gib', type=float, default=None,
                    help='optimized mode: cap the GPU memory the pipeline may use (the planner '
                         'streams expert blocks when they do not fit)')

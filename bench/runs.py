@@ -305,7 +305,8 @@ def _measure(result, args, cfg, size, tokens, device, rank, world, local_rank, u
                   convert_model_dtype=args.convert_model_dtype, random_init=args.random_init,
                   random_init_seed=0, cfg_parallel=args.cfg_parallel, ulysses_size=ulysses)
     toggles = dict({t: getattr(args, t) for t in toggle_names()}, attention=args.attention,
-                   compile_mode=args.compile_mode, ffn_chunk_tokens=args.ffn_chunk_tokens)
+                   compile_mode=args.compile_mode, ffn_chunk_tokens=args.ffn_chunk_tokens,
+                   quantize=args.quantize)
     with timer(build):
         if args.mode == 'optimized':
             # built optimized: the experts load in their dtype policy straight to where the

@@ -53,6 +53,8 @@ def test_backend_resolution_on_cpu():
     assert resolve_backend('reference', 'cpu') == 'sdpa'
     with pytest.raises(RuntimeError, match='needs a CUDA device'):
         resolve_backend('fa3', 'cpu')
+    with pytest.raises(RuntimeError, match='needs a CUDA device'):
+        resolve_backend('fa3_fp8', 'cpu')
     with pytest.raises(ValueError, match='unknown attention backend'):
         resolve_backend('nope', 'cpu')
     assert resolve_backend(None, 'cpu') == 'sdpa'  # None: the 'reference' policy
@@ -61,9 +63,10 @@ def test_backend_resolution_on_cpu():
 
 
 def test_registry_is_the_one_list_of_kernels():
-    from wan.modules.attention import (ATTENTION_CHOICES, AUTO_ORDER, BACKENDS, REGISTRY,
-                                       available_backends)
-    assert set(AUTO_ORDER) == set(BACKENDS) == set(REGISTRY)
+    from wan.modules.attention import (ATTENTION_CHOICES, AUTO_ORDER, BACKENDS, LOSSY,
+                                       REGISTRY, available_backends)
+    assert set(AUTO_ORDER) | set(LOSSY) == set(BACKENDS) == set(REGISTRY)
+    assert not set(AUTO_ORDER) & set(LOSSY)  # 'auto' never picks a lossy kernel
     assert ATTENTION_CHOICES == ('auto', 'reference') + BACKENDS
     assert available_backends()[-1] == 'sdpa'  # always there, CPU included
     # every kernel that needs no GPU gives the reference semantics through attention()

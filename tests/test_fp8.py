@@ -286,3 +286,27 @@ def test_schedule():
     with pytest.raises(ValueError, match='outside'):
         s.use_fp8(10, steps)
     assert sum(s.use_fp8(i, 40) for i in range(40)) == 35
+
+
+def test_quantize_pass_in_the_optimized_pipeline(tiny_cfg, tiny_pipe):
+    """--quantize ffn: the experts' FFN linears become fp8 (and nothing else), the scales
+    stay fp32 through the dtype pass, and the video stays near the bf16 path's."""
+    from dataclasses import replace
+
+    from wan.modules.fp8 import Fp8Linear
+    from wan.optimizations import OptimizationConfig
+    from wan.text2video_optimized import WanT2VOptimized
+    kw = dict(size=(128, 64), frame_num=5, shift=12.0, sampling_steps=3, guide_scale=(3.0, 4.0),
+              seed=4)
+    ref = tiny_pipe.generate('a cat', **kw)
+    pipe = WanT2VOptimized(tiny_cfg, None, random_init=True, device='cpu',
+                           optimizations=replace(OptimizationConfig.conservative(),
+                                                 bf16_weights=True, quantize='ffn'))
+    fp8 = [n for n, m in pipe.high_noise_model.named_modules() if isinstance(m, Fp8Linear)]
+    assert fp8 == ['blocks.0.ffn.0', 'blocks.0.ffn.2', 'blocks.1.ffn.0', 'blocks.1.ffn.2']
+    assert pipe.high_noise_model.blocks[0].ffn[0].weight_scale.dtype == torch.float32
+    out = pipe.generate('a cat', **kw)
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert 0 < err < 0.1, err
+    with pytest.raises(ValueError, match='unknown fp8 quantize part'):
+        OptimizationConfig(quantize='ffn,mlp')

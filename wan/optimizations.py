@@ -98,6 +98,11 @@ class OptimizationConfig:
     tf32: bool = _toggle(
         False, 'TF32 for the remaining fp32 matmuls (changes the fp32 islands\' precision; '
         'opt-in).', flags=('--tf32',), off_flags=('--no-tf32',))
+    quantize: str = _toggle(
+        'none', 'LOSSY, opt-in: fp8 (e4m3) block linears with per-channel weight and '
+        'per-token activation scales (torch._scaled_mm): a comma list of ffn, attn_proj, '
+        'cross_attn, all (fp8 = all; none = off, the default). Pair with --attention fa3_fp8 '
+        'for fp8 self-attention.', flags=('--quantize',))
 
     def __post_init__(self):
         if self.compile_mode not in COMPILE_MODES:
@@ -106,6 +111,7 @@ class OptimizationConfig:
         if self.ffn_chunk_tokens < 0:
             raise ValueError(f'ffn_chunk_tokens must be >= 0 (0: no chunking), got '
                              f'{self.ffn_chunk_tokens}')
+        quantize_parts(self.quantize)  # ValueError naming the valid parts
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f'attention must be one of {ATTENTION_CHOICES}, got '
                              f'{self.attention!r}')
@@ -168,8 +174,32 @@ def weight_dtype_mode(config: OptimizationConfig, half_precision: bool,
     return 'matmul' if config.bf16_weights and half_precision else 'checkpoint'
 
 
+def quantize_parts(quantize: str) -> Tuple[str, ...]:
+    """The block linear groups --quantize names ('none': none; 'fp8': all of them)."""
+    names = [p.strip() for p in quantize.split(',') if p.strip()]
+    if names in ([], ['none']):
+        return ()
+    from .modules.fp8 import expand_parts
+    return expand_parts(['all' if n == 'fp8' else n for n in names])
+
+
 def pass_module_swaps(pipe: 'WanT2V', config: OptimizationConfig) -> None:
-    """Module replacements (none are enabled yet; fp8 linears will go here)."""
+    """Module replacements: the block linears --quantize names become fp8 linears (lossy,
+    opt-in; wan/modules/fp8.py), quantized per output channel from the loaded weights."""
+    parts = quantize_parts(config.quantize)
+    if not parts:
+        return
+    from .modules.fp8 import swap_linears_
+    for name, model in zip(('low_noise', 'high_noise'), pipe.experts()):
+        if is_fsdp(model):
+            raise ValueError('--quantize is not supported with FSDP-sharded experts '
+                             '(--dit_fsdp)')
+        if name in getattr(pipe, '_streaming', {}):
+            raise ValueError(f'--quantize: the {name} expert streams from host memory, '
+                             'which fp8 linears do not support yet; give the GPU more '
+                             'room (--gpu_memory_gib) or drop --quantize')
+        count = swap_linears_(model, parts)
+        logging.info('%s expert: %d block linears in fp8 (%s)', name, count, ', '.join(parts))
 
 
 def pass_weight_dtype(pipe: 'WanT2V', config: OptimizationConfig) -> None:
@@ -190,6 +220,10 @@ def pass_attention(pipe: 'WanT2V', config: OptimizationConfig) -> None:
         ffn_chunk_tokens=config.ffn_chunk_tokens)
     for model in pipe.experts():
         model.set_options(options)
+    if config.attention == 'fa3_fp8':
+        # cross-attention (512 text keys) stays bf16: fp8 only where it was measured to pay
+        for model in pipe.experts():
+            model.options.cross_attn_backend = 'fa3'
 
 
 def pass_compile(pipe: 'WanT2V', config: OptimizationConfig) -> None:

@@ -34,7 +34,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ['flash_attention', 'attention', 'available_backends', 'resolve_backend',
+__all__ = ['flash_attention', 'attention', 'available_backends', 'resolve_backend', 'LOSSY',
            'AttentionBackend', 'REGISTRY', 'BACKENDS', 'POLICIES', 'ATTENTION_CHOICES',
            'AUTO_ORDER']
 
@@ -68,6 +68,17 @@ def _fa2_module():
     if mod is None or not str(getattr(mod, '__version__', '0')).startswith('2'):
         return None
     return mod
+
+
+def _fp8_module():
+    """wan.modules.fp8, imported when first needed (it imports this module)."""
+    return _import('wan.modules.fp8')
+
+
+def _fa3_fp8_dense(q, k, v, scale, causal):
+    if causal:
+        raise NotImplementedError('fa3_fp8 attention is non-causal only')
+    return _fp8_module().fp8_attention(q, k, v, softmax_scale=scale)
 
 
 def _sm80_or_newer() -> bool:
@@ -248,17 +259,25 @@ REGISTRY: Dict[str, AttentionBackend] = {b.name: b for b in (
     _sdpa_entry('sdpa_flash', 'FLASH_ATTENTION', _sm80_or_newer,
                 "PyTorch SDPA, FlashAttention-2 backend"),
     _sdpa_entry('sdpa', None, lambda: True, 'PyTorch SDPA, any backend (CPU too)'),
+    # lossy, opt-in, never picked by 'auto': FA3's e4m3 kernel with per-(batch, head) scales
+    # and mean-centred keys (wan/modules/fp8.py); padded keys (Ulysses rounding) take FA3's
+    # bf16 varlen path
+    AttentionBackend('fa3_fp8', True, lambda: _fp8_module().fp8_attention_available(),
+                     _fa3_fp8_dense, _fa3_varlen,
+                     'FlashAttention-3 fp8 (e4m3) forward: lossy, opt-in (Hopper)'),
 )}
 BACKENDS = tuple(REGISTRY)
 POLICIES = ('auto', 'reference')
 # every value --attention accepts
 ATTENTION_CHOICES = POLICIES + BACKENDS
-# 'auto' takes the first available, fastest first (FA3 > cuDNN > FA2 on Hopper)
+# 'auto' takes the first available, fastest first (FA3 > cuDNN > FA2 on Hopper); lossy
+# kernels (fa3_fp8) are only ever chosen by name
 AUTO_ORDER = ('fa3', 'cudnn', 'flash', 'sdpa_flash', 'sdpa')
+LOSSY = ('fa3_fp8',)
 
 
 def available_backends() -> list[str]:
-    """Kernels usable in this process, fastest first."""
+    """Exact kernels usable in this process, fastest first (lossy ones: `LOSSY`)."""
     return [name for name in AUTO_ORDER if REGISTRY[name].available()]
 
 

@@ -25,6 +25,7 @@ from torch import nn
 __all__ = ['DTYPE_MODES', 'keeps_fp32', 'dtype_rule', 'apply_dtype_policy_']
 
 DTYPE_MODES = ('checkpoint', 'all', 'matmul')
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def keeps_fp32(model: nn.Module | type, name: str) -> bool:
@@ -40,7 +41,9 @@ def dtype_rule(model: nn.Module | type, mode: str,
         raise ValueError(f'unknown dtype mode {mode!r}; choose from {DTYPE_MODES}')
 
     def rule(name: str, tensor: torch.Tensor) -> torch.dtype:
-        if not tensor.is_floating_point() or mode == 'checkpoint':
+        # fp8 weights (and anything not floating) are used as they are stored
+        if not tensor.is_floating_point() or mode == 'checkpoint' or \
+                tensor.dtype in FP8_DTYPES:
             return tensor.dtype
         if mode == 'all':
             return compute_dtype
