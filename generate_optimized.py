@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 import generate as ref_cli
 from generate import UserError
@@ -76,6 +77,16 @@ def generate(args: argparse.Namespace) -> None:
         prompts = read_prompt_file(args.prompt_file)
         args.prompt = prompts[0]
     save_pattern = args.save_file
+    # many prompts on several processes: replicas of the pipeline (each cfg x ulysses ranks)
+    # share the prompts out; one prompt, or FSDP-sharded models, keep one pipeline
+    args.data_parallel = 1
+    if prompts is not None and world_size > 1 and not (args.dit_fsdp or args.t5_fsdp):
+        from wan.distributed.cfg_parallel import data_parallel_layout
+        try:
+            args.data_parallel = data_parallel_layout(world_size, args.ulysses_size,
+                                                      args.cfg_parallel)
+        except ValueError as exc:
+            raise UserError(f'--prompt_file on {world_size} processes: {exc}') from None
     ref_cli.validate_args(args, world_size)
     args.base_seed = agree_on_seed(args.base_seed)
     cfg = WAN_CONFIGS[args.task]
@@ -89,21 +100,44 @@ def generate(args: argparse.Namespace) -> None:
     from wan.configs import SIZE_CONFIGS
     pipe = ref_cli.build_pipeline(args, cfg, rank, local_rank, pipeline_cls=WanT2VOptimized,
                                   optimizations=opts, gpu_memory_gib=args.gpu_memory_gib,
-                                  plan_size=(SIZE_CONFIGS[args.size], args.frame_num))
+                                  plan_size=(SIZE_CONFIGS[args.size], args.frame_num),
+                                  data_parallel=args.data_parallel)
+    # --save_file NAME.mp4 becomes NAME_000.mp4, NAME_001.mp4, ... (one name for every rank)
+    base, ext = os.path.splitext(save_pattern or _same_on_every_rank(args.save_file))
+    replica = pipe.parallel_info.replica if pipe.parallel_info else 0
+    started, done = time.perf_counter(), 0
     for i, prompt in enumerate(prompts or [args.prompt]):
+        if i % args.data_parallel != replica:
+            continue  # another replica's prompt
         args.prompt = prompt
         if prompts is not None:
-            # one file per prompt: --save_file NAME.mp4 becomes NAME_000.mp4, NAME_001.mp4, ...
-            base, ext = os.path.splitext(save_pattern or ref_cli.default_save_file(args))
             args.save_file = f'{base}_{i:03d}{ext}'
-        logging.info('Input prompt: %s', prompt)
-        ref_cli.generate_and_save(pipe, args, cfg, rank)
+        logging.info('Input prompt %d: %s', i, prompt)
+        ref_cli.generate_and_save(pipe, args, cfg, pipe.rank)
+        done += pipe.rank == 0
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
     if dist.is_initialized():
+        counts = [None] * world_size
+        dist.all_gather_object(counts, (done, seconds))
+        done, seconds = sum(c for c, _ in counts), max(s for _, s in counts)
         dist.barrier()
         dist.destroy_process_group()
+    if prompts is not None:
+        logging.info('%d videos in %.0f s: %.1f videos/hour (%d pipeline replica(s))', done,
+                     seconds, 3600 * done / max(seconds, 1e-9), args.data_parallel)
     logging.info('Finished.')
+
+
+def _same_on_every_rank(value):
+    """Rank 0's value on every rank (e.g. a default file name with the time in it)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def main(argv=None) -> int:

@@ -644,3 +644,67 @@ def test_benchmark_refuses_a_layout_that_does_not_fill_the_world():
     from bench.cli import main
     with pytest.raises(SystemExit, match='^error: 1 process.*cannot run ulysses_size 2'):
         main(['--task', 't2v-tiny', '--ulysses_size', '2'])
+
+
+OPTIMIZED = os.path.join(REPO_ROOT, 'generate_optimized.py')
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason='torchrun not installed')
+def test_prompt_file_on_two_processes_is_two_pipeline_replicas(tmp_path):
+    """torchrun with 2 processes, --prompt_file of 3 prompts, --ulysses_size 1: two replicas
+    of one process each share the prompts (0 and 2 on the first, 1 on the second) and write
+    the same files, with the same frames, as one process does; a summary line counts them."""
+    prompts = tmp_path / 'p.txt'
+    prompts.write_text('a red fox\na blue boat\na green tree\n')
+    common = ['--task', 't2v-tiny', '--random_init', '--prompt_file', str(prompts),
+              '--sample_steps', '3', '--frame_num', '5', '--base_seed', '11']
+    (tmp_path / 'one').mkdir()
+    (tmp_path / 'two').mkdir()
+    rc, out = _run_cli([sys.executable, OPTIMIZED, *common, '--save_file',
+                        str(tmp_path / 'one' / 'v.mp4')], timeout=240)
+    assert rc == 0, out[-3000:]
+    rc, out = _run_cli([TORCHRUN, '--standalone', '--nproc_per_node', '2', OPTIMIZED, *common,
+                        '--ulysses_size', '1', '--save_file', str(tmp_path / 'two' / 'v.mp4')],
+                       timeout=240)
+    assert rc == 0, out[-3000:]
+    assert '3 videos in' in out and '(2 pipeline replica(s))' in out
+    names = sorted(os.listdir(tmp_path / 'one'))
+    assert names == ['v_000.mp4', 'v_001.mp4', 'v_002.mp4'] == sorted(os.listdir(tmp_path / 'two'))
+    for name in names:
+        a, b = _read_frames(tmp_path / 'one' / name), _read_frames(tmp_path / 'two' / name)
+        assert a.shape == b.shape and (a == b).all(), name
+    # the prompts differ, so the videos do
+    assert not (_read_frames(tmp_path / 'one' / names[0]) ==
+                _read_frames(tmp_path / 'one' / names[1])).all()
+
+
+def _w_replica_groups(rank, world):
+    """4 ranks as 2 replicas of CFG-2 x Ulysses-1: each replica's groups and seed."""
+    import torch.distributed as dist
+    from wan.distributed.cfg_parallel import make_groups, replica_group
+    from wan.distributed.util import agree_on_seed
+    sp, cfg, info = make_groups(world, 1, True, data_parallel=2)
+    group = replica_group(info)
+    # each replica agrees on its own seed (here: its own random draw, different per replica)
+    seed = agree_on_seed(-1 if info.replica == 0 else 1000 + info.replica, group)
+    return {'replica': info.replica, 'replica_ranks': info.replica_ranks,
+            'replica_rank': info.replica_rank, 'cfg_ranks': info.cfg_ranks,
+            'cfg_rank': info.cfg_rank, 'cfg_group_size': dist.get_world_size(cfg),
+            'seed': seed}
+
+
+def test_replica_groups_layout(tmp_path):
+    from wan.distributed.cfg_parallel import data_parallel_layout
+    assert data_parallel_layout(8, 2, True) == 2 and data_parallel_layout(8, 1, False) == 8
+    with pytest.raises(ValueError, match='not a multiple'):
+        data_parallel_layout(6, 4, False)
+    res = launch(_w_replica_groups, tmp_path, world=4)
+    no_error(res)
+    assert [r['replica'] for r in res] == [0, 0, 1, 1]
+    assert [r['replica_ranks'] for r in res] == [(0, 1), (0, 1), (2, 3), (2, 3)]
+    assert [r['replica_rank'] for r in res] == [0, 1, 0, 1]
+    assert [r['cfg_ranks'] for r in res] == [(0, 1), (0, 1), (2, 3), (2, 3)]
+    assert [r['cfg_rank'] for r in res] == [0, 1, 0, 1]
+    assert all(r['cfg_group_size'] == 2 for r in res)
+    # seeds agree inside a replica, not across replicas
+    assert res[0]['seed'] == res[1]['seed'] and res[2]['seed'] == res[3]['seed'] == 1001

@@ -74,7 +74,8 @@ class WanT2V:
                  loras_high: Sequence = (),
                  loras_low: Sequence = (),
                  high_noise_file: Optional[str] = None,
-                 low_noise_file: Optional[str] = None):
+                 low_noise_file: Optional[str] = None,
+                 data_parallel: int = 1):
         """Build the pipeline from `checkpoint_dir` (layout: docs/CHECKPOINTS.md#folder-layout).
 
         Keyword-only additions: `random_init` builds every component with deterministic
@@ -86,6 +87,9 @@ class WanT2V:
         world size, halved with cfg_parallel, when use_sp; 1 otherwise).
         `checkpoint_dir` may also hold the Diffusers layout or ComfyUI single files
         (wan/utils/formats.py), or give the experts as `high_noise_file` / `low_noise_file`.
+        `data_parallel` > 1 splits the world into that many replicas of the pipeline (each
+        cfg x ulysses ranks), each generating its own videos; `rank` then counts inside the
+        replica (its rank 0 decodes).
         `loras` (both experts), `loras_high`, `loras_low` (one expert): LoRA files, each a path,
         'PATH:STRENGTH' or a `wan.utils.lora.LoraSpec`, merged into the weights as they load
         (wan/utils/lora.py).
@@ -94,26 +98,36 @@ class WanT2V:
         # bad combination fails identically on every rank instead of hanging.
         self.cfg_parallel = cfg_parallel
         self.sp_group = self.cfg_group = None
+        # the ranks this pipeline's own collectives run over (None: the world)
+        self.group = None
         self.sp_size = 1
         self.parallel_info = None
-        if use_sp or cfg_parallel:
-            from .distributed.cfg_parallel import make_groups, parallel_layout
+        self.data_parallel = data_parallel
+        if use_sp or cfg_parallel or data_parallel > 1:
+            from .distributed.cfg_parallel import make_groups, parallel_layout, replica_group
             from .distributed.sequence_parallel import check_sp_heads
             from .distributed.util import get_world_size
             world = get_world_size()
             if world == 1:
-                raise ValueError('use_sp / cfg_parallel need an initialized process group with '
-                                 'more than one rank (torchrun --nproc_per_node=N)')
+                raise ValueError('use_sp / cfg_parallel / data_parallel need an initialized '
+                                 'process group with more than one rank (torchrun '
+                                 '--nproc_per_node=N)')
+            if data_parallel < 1 or world % data_parallel:
+                raise ValueError(f'data_parallel {data_parallel} must divide the world size '
+                                 f'{world}')
             if ulysses_size is None and not use_sp:
                 ulysses_size = 1
-            _, ulysses_size = parallel_layout(world, ulysses_size, cfg_parallel)
+            _, ulysses_size = parallel_layout(world // data_parallel, ulysses_size,
+                                              cfg_parallel)
             if use_sp:
                 check_sp_heads(config.num_heads, ulysses_size)
                 self.sp_size = ulysses_size
             elif ulysses_size != 1:
                 raise ValueError(f'ulysses_size {ulysses_size} > 1 needs use_sp=True')
             self.sp_group, self.cfg_group, self.parallel_info = make_groups(
-                world, ulysses_size, cfg_parallel)
+                world, ulysses_size, cfg_parallel, data_parallel)
+            self.group = replica_group(self.parallel_info)
+            rank = self.parallel_info.replica_rank
         self.device = self.resolve_device(device, device_id)
         # a machine that cannot hold the task is refused before anything is read
         from .configs import WAN_CONFIGS
@@ -148,7 +162,9 @@ class WanT2V:
         if t5_fsdp or dit_fsdp:
             from .distributed.fsdp import shard_model
             # **kw: T5EncoderModel calls shard_fn(model, sync_module_states=False)
-            shard_fn = lambda m, **kw: shard_model(m, device_id=self.device, **kw)  # noqa: E731
+            # shards within this pipeline's ranks (a replica's, under data parallelism)
+            shard_fn = lambda m, **kw: shard_model(m, device_id=self.device,  # noqa: E731
+                                                   process_group=self.group, **kw)
 
         t5_arch = {v: config[k] for k, v in T5_ARCH_KEYS.items() if k in config}
         t5_source = None if random_init or self.layout.t5.layout == 'original' else \
@@ -326,7 +342,7 @@ class WanT2V:
             from .distributed.sequence_parallel import apply_sequence_parallel
             apply_sequence_parallel(model, group=self.sp_group)
         if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+            dist.barrier(group=self.group)
         if dit_fsdp:
             # CPU autocast has no fp32 mode (see convert_model_dtype above): on the CPU the
             # FSDP compute params stay fp32 so that the fp32 islands keep working
@@ -457,7 +473,7 @@ class WanT2V:
             n_prompt = self.sample_neg_prompt
         # every rank must draw the same noise: a negative seed draws one (rank 0's), and
         # ValueError on every rank if the ranks were given different seeds
-        seed = agree_on_seed(seed)
+        seed = agree_on_seed(seed, self.group)
         seed_g = torch.Generator(device=self.device)
         seed_g.manual_seed(seed)
 
@@ -504,7 +520,7 @@ class WanT2V:
             if self.device.type == 'cuda':
                 torch.cuda.synchronize()
         if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+            dist.barrier(group=self.group)
         return videos
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:

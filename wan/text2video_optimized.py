@@ -98,6 +98,7 @@ class WanT2VOptimized(WanT2V):
                  loras_low: Sequence = (),
                  high_noise_file: Optional[str] = None,
                  low_noise_file: Optional[str] = None,
+                 data_parallel: int = 1,
                  gpu_memory_gib: Optional[float] = None,
                  plan_size: Optional[Tuple[Tuple[int, int], int]] = None):
         # set before the models are built: the experts load in its dtype policy and where
@@ -121,7 +122,8 @@ class WanT2VOptimized(WanT2V):
                          random_init=random_init, random_init_seed=random_init_seed,
                          device=device, cfg_parallel=cfg_parallel, ulysses_size=ulysses_size,
                          loras=loras, loras_high=loras_high, loras_low=loras_low,
-                         high_noise_file=high_noise_file, low_noise_file=low_noise_file)
+                         high_noise_file=high_noise_file, low_noise_file=low_noise_file,
+                         data_parallel=data_parallel)
         self._optimize()
 
     @classmethod
@@ -458,7 +460,8 @@ class WanT2VOptimized(WanT2V):
         if dist.is_available() and dist.is_initialized():
             # one kernel on every rank (timings differ a little between GPUs)
             choice = [best]
-            dist.broadcast_object_list(choice, src=0)
+            first = self.parallel_info.replica_ranks[0] if self.parallel_info else 0
+            dist.broadcast_object_list(choice, src=first, group=self.group)
             best = choice[0]
         self.low_noise_model.options.cross_attn_backend = best
         self.high_noise_model.options.cross_attn_backend = best

@@ -21,7 +21,8 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ['ParallelInfo', 'parallel_layout', 'make_groups', 'cfg_parallel_predict']
+__all__ = ['ParallelInfo', 'parallel_layout', 'data_parallel_layout', 'make_groups',
+           'replica_group', 'cfg_parallel_predict']
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,15 @@ class ParallelInfo:
     sp_rank: int           # rank inside the Ulysses group
     sp_ranks: Tuple[int, ...]
     cfg_ranks: Tuple[int, ...]
+    data_parallel: int = 1  # replicas of the pipeline, each generating its own videos
+    replica: int = 0        # which replica this rank belongs to
+    replica_ranks: Tuple[int, ...] = ()  # the ranks of this rank's replica (global ranks)
+
+    @property
+    def replica_rank(self) -> int:
+        """This rank's index inside its replica (0 decodes and writes that replica's
+        videos)."""
+        return self.replica_ranks.index(self.rank) if self.replica_ranks else self.rank
 
 
 def parallel_layout(world_size: int, ulysses_size: Optional[int],
@@ -64,26 +74,53 @@ def parallel_layout(world_size: int, ulysses_size: Optional[int],
     return cfg_size, ulysses_size
 
 
-def make_groups(world_size: int, ulysses_size: Optional[int], cfg_parallel: bool):
+def data_parallel_layout(world_size: int, ulysses_size: int, cfg_parallel: bool) -> int:
+    """Replicas of a cfg x ulysses pipeline in this world (data parallelism over prompts):
+    world = replicas x cfg_size x ulysses_size; ValueError when it does not divide."""
+    cfg_size = 2 if cfg_parallel else 1
+    if ulysses_size < 1:
+        raise ValueError(f'ulysses_size must be >= 1, got {ulysses_size}')
+    per_replica = cfg_size * ulysses_size
+    if world_size % per_replica:
+        raise ValueError(f'world size {world_size} is not a multiple of ulysses_size '
+                         f'{ulysses_size} x {cfg_size} ({"with" if cfg_parallel else "without"}'
+                         f' CFG parallelism): no whole number of pipeline replicas')
+    return world_size // per_replica
+
+
+def make_groups(world_size: int, ulysses_size: Optional[int], cfg_parallel: bool,
+                data_parallel: int = 1):
     """Build the process groups; returns (sp_group, cfg_group, ParallelInfo).
 
     Every rank must call this with the same arguments (dist.new_group is collective over the
-    world). Without CFG parallelism the SP group is the whole world (None, as the reference)
-    and cfg_group is None.
+    world). With `data_parallel` replicas the world holds that many copies of the pipeline,
+    each on a contiguous block of cfg_size x ulysses_size ranks, and every group below lies
+    inside one replica (`ParallelInfo.replica_ranks`). With one replica and no CFG
+    parallelism the SP group is the whole world (None, as the reference) and cfg_group is
+    None.
     """
-    cfg_size, u = parallel_layout(world_size, ulysses_size, cfg_parallel)
+    per_replica = world_size // data_parallel
+    if data_parallel < 1 or per_replica * data_parallel != world_size:
+        raise ValueError(f'data_parallel {data_parallel} must divide the world size '
+                         f'{world_size}')
+    cfg_size, u = parallel_layout(per_replica, ulysses_size, cfg_parallel)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if dist.is_initialized() and dist.get_world_size() != world_size:
         raise ValueError(f'world_size {world_size} differs from the process group\'s '
                          f'{dist.get_world_size()}')
-    all_sp = [tuple(range(c * u, (c + 1) * u)) for c in range(cfg_size)]
-    all_cfg = [tuple(j + c * u for c in range(cfg_size)) for j in range(u)]
+    replica, local = divmod(rank, per_replica)
+    base = replica * per_replica
+    all_sp = [tuple(b + c * u + i for i in range(u)) for b in range(0, world_size, per_replica)
+              for c in range(cfg_size)]
+    all_cfg = [tuple(b + j + c * u for c in range(cfg_size))
+               for b in range(0, world_size, per_replica) for j in range(u)]
     sp_ranks = next(r for r in all_sp if rank in r)
     cfg_ranks = next(r for r in all_cfg if rank in r)
     info = ParallelInfo(rank=rank, world_size=world_size, ulysses_size=u, cfg_size=cfg_size,
-                        cfg_rank=rank // u, sp_rank=rank % u, sp_ranks=sp_ranks,
-                        cfg_ranks=cfg_ranks)
-    if not cfg_parallel:
+                        cfg_rank=local // u, sp_rank=local % u, sp_ranks=sp_ranks,
+                        cfg_ranks=cfg_ranks, data_parallel=data_parallel, replica=replica,
+                        replica_ranks=tuple(range(base, base + per_replica)))
+    if not cfg_parallel and data_parallel == 1:
         return None, None, info
     sp_group = cfg_group = None
     # same creation order on every rank
@@ -91,11 +128,28 @@ def make_groups(world_size: int, ulysses_size: Optional[int], cfg_parallel: bool
         g = dist.new_group(list(ranks))
         if rank in ranks:
             sp_group = g
-    for ranks in all_cfg:
-        g = dist.new_group(list(ranks))
-        if rank in ranks:
-            cfg_group = g
+    if cfg_parallel:
+        for ranks in all_cfg:
+            g = dist.new_group(list(ranks))
+            if rank in ranks:
+                cfg_group = g
     return sp_group, cfg_group, info
+
+
+def replica_group(info: ParallelInfo):
+    """The process group of this rank's pipeline replica (None: the whole world), for the
+    pipeline's own collectives (seed agreement, barriers, FSDP). Collective: every rank
+    calls it in the same order."""
+    if info is None or info.data_parallel == 1:
+        return None
+    group = None
+    per = info.world_size // info.data_parallel
+    for start in range(0, info.world_size, per):
+        ranks = list(range(start, start + per))
+        g = dist.new_group(ranks)
+        if info.rank in ranks:
+            group = g
+    return group
 
 
 def cfg_parallel_predict(model, latents: torch.Tensor, t: torch.Tensor,

@@ -295,6 +295,7 @@ def check_parallel_layout(args: argparse.Namespace, world_size: int, num_heads: 
     from wan.distributed.cfg_parallel import parallel_layout
     from wan.distributed.sequence_parallel import check_sp_heads
     cfg_parallel = getattr(args, 'cfg_parallel', False)
+    replicas = getattr(args, 'data_parallel', 1)
     if world_size == 1:
         if args.t5_fsdp or args.dit_fsdp:
             raise UserError('--t5_fsdp/--dit_fsdp need a distributed launch (torchrun with '
@@ -303,7 +304,9 @@ def check_parallel_layout(args: argparse.Namespace, world_size: int, num_heads: 
             raise UserError('--ulysses_size > 1 needs a distributed launch (torchrun '
                             '--nproc_per_node=N)')
     try:
-        _, ulysses = parallel_layout(world_size, args.ulysses_size, cfg_parallel)
+        if replicas < 1 or world_size % replicas:
+            raise ValueError(f'{replicas} pipeline replicas do not divide the world')
+        _, ulysses = parallel_layout(world_size // replicas, args.ulysses_size, cfg_parallel)
         check_sp_heads(num_heads, ulysses)
     except ValueError as exc:
         raise UserError(f'--ulysses_size {args.ulysses_size}'
