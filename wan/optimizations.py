@@ -9,7 +9,8 @@ A pipeline is optimized by `apply_passes(pipe, config)`, once, right after its m
 built (or adopted from a plain WanT2V by `optimize_pipeline`). The passes run in this order,
 each one-shot (none undoes another):
 
-1. module swaps      -- replace modules by faster equivalents (where fp8 linears will go);
+1. module swaps      -- replace modules by faster equivalents (fp8 block linears with
+                        --quantize: lossy, opt-in);
 2. weight dtype      -- the dtype policy (wan/utils/dtype_policy.py): matmul weights in bf16;
 3. attention kernels -- the kernel resolved once per model (wan/modules/attention.py), the
                         exact-math forward options (per-sample time embedding, fp32 RoPE,
