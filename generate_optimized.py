@@ -104,7 +104,9 @@ def generate(args: argparse.Namespace) -> None:
                                   data_parallel=args.data_parallel)
     # --save_file NAME.mp4 becomes NAME_000.mp4, NAME_001.mp4, ... (one name for every rank)
     base, ext = os.path.splitext(save_pattern or _same_on_every_rank(args.save_file))
-    replica = pipe.parallel_info.replica if pipe.parallel_info else 0
+    info = getattr(pipe, 'parallel_info', None)
+    replica = info.replica if info is not None else 0
+    writer = getattr(pipe, 'rank', rank)  # the rank that writes, inside its replica
     started, done = time.perf_counter(), 0
     for i, prompt in enumerate(prompts or [args.prompt]):
         if i % args.data_parallel != replica:
@@ -113,8 +115,8 @@ def generate(args: argparse.Namespace) -> None:
         if prompts is not None:
             args.save_file = f'{base}_{i:03d}{ext}'
         logging.info('Input prompt %d: %s', i, prompt)
-        ref_cli.generate_and_save(pipe, args, cfg, pipe.rank)
-        done += pipe.rank == 0
+        ref_cli.generate_and_save(pipe, args, cfg, writer)
+        done += writer == 0
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
