@@ -7,6 +7,7 @@ from typing import List, Optional
 
 from wan.modules.attention import ATTENTION_CHOICES
 from wan.optimizations import COMPILE_MODES, OptimizationConfig, toggle_names
+from wan.configs.presets import PRESETS
 from wan.text2video import SOLVERS
 
 from .checks import RequestError, check_device_holds, check_request
@@ -55,6 +56,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--quantize', default=OptimizationConfig().quantize,
                    help='optimized mode, lossy: fp8 block linears (ffn, attn_proj, cross_attn, '
                         'all or fp8; none = off)')
+    p.add_argument('--preset', default=None, choices=sorted(PRESETS),
+                   help='a sampling recipe (lightning: Euler, 4 steps, shift 5, guidance 1.0, '
+                        'boundary 0.875) for the options left at their defaults')
+    p.add_argument('--lora_rank', type=int, default=0,
+                   help='merge a random LoRA of this rank into both experts (e.g. 64, the '
+                        'Lightning LoRAs\' rank): its cost is the merge at build time')
     p.add_argument('--gpu_memory_gib', type=float, default=None,
                    help='optimized mode: cap the GPU memory the pipeline may use (the planner '
                         'streams expert blocks when they do not fit)')
@@ -90,8 +97,20 @@ def complete_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the task's defaults and refuse what cannot run here, before anything is built."""
     import torch
     cfg, args.size, args.frame_num = check_request(args.task, args.size, args.frame_num)
-    args.sample_shift = args.sample_shift or cfg.sample_shift
     args.guide_scale = cfg.sample_guide_scale
+    if args.preset is not None:
+        recipe = PRESETS[args.preset]
+        defaults = {'sample_solver': 'unipc', 'sample_steps': 4, 'boundary': 'auto'}
+        for key in ('sample_solver', 'sample_steps'):
+            if getattr(args, key) == defaults[key]:
+                setattr(args, key, recipe[key])
+        args.sample_shift = args.sample_shift or recipe['sample_shift']
+        args.guide_scale = recipe['sample_guide_scale']
+        if args.boundary == defaults['boundary']:
+            args.boundary = str(recipe['boundary'])
+    args.sample_shift = args.sample_shift or cfg.sample_shift
+    if args.lora_rank < 0:
+        raise RequestError(f'--lora_rank must be >= 0, got {args.lora_rank}')
     if args.sample_steps < 1:
         raise RequestError(f'--sample_steps must be >= 1, got {args.sample_steps}')
     if args.ablate_steps is not None and args.ablate_steps < 1:

@@ -102,6 +102,33 @@ def result_path(args: argparse.Namespace, kind: str, gpu: Optional[str]) -> Opti
     return os.path.join(RESULTS_DIR, f'{gpu}_{args.task}_{size}_{kind}_{stamp}.json')
 
 
+def random_lora(cfg, rank: int, seed: int = 0) -> str:
+    """A random LoRA file (lora_down/lora_up + alpha, bf16) on every block linear of the
+    task's experts, in a temporary folder; its path. For timing: its values mean nothing."""
+    import tempfile
+
+    from safetensors.torch import save_file
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {'self_attn.q': (cfg.dim, cfg.dim), 'self_attn.k': (cfg.dim, cfg.dim),
+              'self_attn.v': (cfg.dim, cfg.dim), 'self_attn.o': (cfg.dim, cfg.dim),
+              'cross_attn.q': (cfg.dim, cfg.dim), 'cross_attn.k': (cfg.dim, cfg.dim),
+              'cross_attn.v': (cfg.dim, cfg.dim), 'cross_attn.o': (cfg.dim, cfg.dim),
+              'ffn.0': (cfg.ffn_dim, cfg.dim), 'ffn.2': (cfg.dim, cfg.ffn_dim)}
+    sd = {}
+    for i in range(cfg.num_layers):
+        for name, (out_f, in_f) in shapes.items():
+            key = f'diffusion_model.blocks.{i}.{name}'
+            sd[f'{key}.lora_down.weight'] = (torch.randn(rank, in_f, generator=gen) /
+                                             in_f ** 0.5).bfloat16()
+            sd[f'{key}.lora_up.weight'] = (torch.randn(out_f, rank, generator=gen) *
+                                           1e-3).bfloat16()
+            sd[f'{key}.alpha'] = torch.tensor(float(rank))
+    path = os.path.join(tempfile.mkdtemp(prefix='wan_lora_'), f'random_rank{rank}.safetensors')
+    save_file(sd, path)
+    logging.info('random rank-%d LoRA for the benchmark: %s', rank, path)
+    return path
+
+
 def choose_boundary(pipe, args: argparse.Namespace) -> Optional[float]:
     """The boundary for this run: None keeps the config's; 'auto' splits the steps evenly."""
     if args.boundary == 'config':
@@ -303,7 +330,8 @@ def _measure(result, args, cfg, size, tokens, device, rank, world, local_rank, u
     common = dict(device_id=local_rank, rank=rank, t5_fsdp=args.t5_fsdp,
                   dit_fsdp=args.dit_fsdp, use_sp=ulysses > 1,
                   convert_model_dtype=args.convert_model_dtype, random_init=args.random_init,
-                  random_init_seed=0, cfg_parallel=args.cfg_parallel, ulysses_size=ulysses)
+                  random_init_seed=0, cfg_parallel=args.cfg_parallel, ulysses_size=ulysses,
+                  loras=[random_lora(cfg, args.lora_rank)] if args.lora_rank else [])
     toggles = dict({t: getattr(args, t) for t in toggle_names()}, attention=args.attention,
                    compile_mode=args.compile_mode, ffn_chunk_tokens=args.ffn_chunk_tokens,
                    quantize=args.quantize)

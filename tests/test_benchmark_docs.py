@@ -272,3 +272,19 @@ def test_verdicts_follow_the_numbers():
     assert claim_verdict(claim, 1500, 300, 700) == \
         'not reproduced: measured 5.00x the claim; 300 s is below the floor of 700 s'
     assert 'floor' not in claim_verdict(claim, 1500, 300, 100)
+
+
+def test_benchmark_lightning_preset_with_a_random_lora(tmp_path):
+    """--preset lightning --lora_rank N on the tiny model: Euler, 4 steps (2 + 2 at boundary
+    0.875), guidance 1.0 (one pass per step), the random LoRA merged into both experts."""
+    from bench.cli import main
+    out = tmp_path / 'l.json'
+    main(['--task', 't2v-tiny', '--mode', 'optimized', '--preset', 'lightning',
+          '--lora_rank', '4', '--output', str(out)])
+    r = json.loads(out.read_text())
+    s = r['settings']
+    assert (s['sample_solver'], s['sample_steps'], s['sample_shift'], r['boundary_used']) == \
+        ('euler', 4, 5.0, 0.875)
+    steps = r['modes']['optimized']['steps']
+    assert len(steps['high']['all_seconds']) == 2 and len(steps['low']['all_seconds']) == 2
+    assert r['modes']['optimized']['toggles']['cfg_skip'] is True
