@@ -84,6 +84,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--cfg_parallel', action='store_true', default=False)
     p.add_argument('--dit_fsdp', action='store_true', default=False)
     p.add_argument('--t5_fsdp', action='store_true', default=False)
+    p.add_argument('--throughput', type=int, default=None, metavar='PROMPTS',
+                   help='videos per hour for this many prompts on --nproc GPUs, one torchrun '
+                        'per --layouts entry (bench/throughput.py)')
+    p.add_argument('--nproc', type=int, default=None,
+                   help='with --throughput: processes (GPUs) per run')
+    p.add_argument('--layouts', nargs='+', default=None, metavar='U',
+                   help="with --throughput: GPUs per pipeline replica, e.g. 8 2c 1 ('Uc': CFG "
+                        "parallel x Ulysses U/2)")
+    p.add_argument('--prompts', type=int, default=None, help=argparse.SUPPRESS)  # child
     p.add_argument('--scaling', nargs='+', default=None, metavar='N',
                    help="launch one torchrun per entry (N GPUs, Ulysses over all; 'Nc': CFG "
                         "parallel x Ulysses N/2) and compare per-step times with N=1")
@@ -125,6 +134,15 @@ def complete_args(args: argparse.Namespace) -> argparse.Namespace:
                                f"got {args.boundary!r}")
     if args.scaling and args.ablate is not None:
         raise RequestError('--scaling and --ablate are separate runs: give one of them')
+    if args.throughput is not None:
+        if args.throughput < 1 or not args.nproc or args.nproc < 1 or not args.layouts:
+            raise RequestError('--throughput N needs N >= 1 prompts, --nproc P >= 1 and '
+                               '--layouts (e.g. --nproc 8 --layouts 8 2c 1)')
+        if args.scaling or args.ablate is not None:
+            raise RequestError('--throughput is a run of its own: no --scaling or --ablate')
+        from .throughput import parse_layout
+        for spec in args.layouts:
+            parse_layout(spec, args.nproc)
     if args.ckpt_dir is None:
         args.random_init = True
     check_device_holds(args.task, cfg, torch.device('cuda' if torch.cuda.is_available()
@@ -142,6 +160,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if args.scaling:
             from .scaling import run_scaling
             return run_scaling(args, argv)
+        if args.throughput is not None:
+            from .throughput import run_throughput
+            return run_throughput(args, argv)
+        if args.prompts is not None:  # one --throughput layout, under torchrun
+            from .throughput import run_throughput_child
+            return run_throughput_child(args)
         if args.ablate is not None:
             from .ablation import run_ablation
             return run_ablation(args, argv)

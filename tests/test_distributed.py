@@ -12,6 +12,7 @@ config copy with param_dtype float32), so agreement is checked to 1e-5 relative.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -708,3 +709,22 @@ def test_replica_groups_layout(tmp_path):
     assert all(r['cfg_group_size'] == 2 for r in res)
     # seeds agree inside a replica, not across replicas
     assert res[0]['seed'] == res[1]['seed'] and res[2]['seed'] == res[3]['seed'] == 1001
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason='torchrun not installed')
+def test_benchmark_throughput_mode(tmp_path):
+    """--throughput 3 --nproc 2 --layouts 1 2: two replicas of one process vs one 2-way
+    Ulysses pipeline, every prompt generated once per layout, videos per hour per layout."""
+    out = tmp_path / 'tp.json'
+    rc, log = _run_cli([sys.executable, os.path.join(REPO_ROOT, 'benchmark_t2v.py'), '--task',
+                        't2v-tiny', '--throughput', '3', '--nproc', '2', '--layouts', '1', '2',
+                        '--sample_steps', '2', '--output', str(out)], timeout=240)
+    assert rc == 0, log[-3000:]
+    data = json.loads(out.read_text())
+    assert [r['layout'] for r in data['runs']] == ['1', '2']
+    assert [r['replicas'] for r in data['runs']] == [2, 1]
+    for r in data['runs']:
+        assert r['result']['videos'] == 3 and r['result']['videos_per_hour'] > 0
+    assert max(r['relative_to_best'] for r in data['runs']) == 1.0
+    assert not os.path.exists(str(out) + '.partial')
