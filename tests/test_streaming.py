@@ -121,3 +121,32 @@ def test_pipeline_streams_and_unstreams_as_planned_bit_for_bit(tiny_cfg, monkeyp
             assert runners[0].slots is runners[1].slots  # one slot pair for both experts
     assert torch.equal(videos[1], videos[0]) and torch.equal(videos[2], videos[0])
     assert pipe._slots.buffers is None  # nothing streams any more: the slots are released
+
+
+def test_t5_reload_placement_frees_and_reads_it_again(tiny_cfg, monkeypatch):
+    """A plan with no host room for T5 ('reload'): its weights are dropped after encoding
+    and read again for the next new prompt; the videos are those of a pipeline that kept it."""
+    from dataclasses import replace
+
+    from wan.optimizations import OptimizationConfig
+    from wan.text2video_optimized import WanT2VOptimized
+    from wan.utils.memory_plan import ModelSizes, cpu_plan
+
+    def build():
+        return WanT2VOptimized(tiny_cfg, None, random_init=True, device='cpu',
+                               optimizations=replace(OptimizationConfig.conservative(),
+                                                     prompt_cache=True))
+    kw = dict(size=(128, 64), frame_num=5, shift=12.0, sampling_steps=2, guide_scale=4.0,
+              seed=3)
+    kept = build()
+    want = [kept.generate('a cat', **kw), kept.generate('a dog', **kw)]
+    pipe = build()
+    monkeypatch.setattr(WanT2VOptimized, 'plans_placement', property(lambda self: True))
+    plan = cpu_plan(ModelSizes.a14b())
+    plan = replace(plan, host=dict(plan.host, t5='reload'))
+    monkeypatch.setattr(pipe, 'plan_for', lambda *a, **k: plan)
+    got = pipe.generate('a cat', **kw)
+    assert pipe._t5_freed and pipe.text_encoder.model.token_embedding.weight.is_meta
+    assert pipe._our_bytes()[1] < kept._our_bytes()[1]  # its host bytes are gone
+    got = [got, pipe.generate('a dog', **kw)]  # 'a dog' is new: T5 is read again
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -166,26 +166,9 @@ class WanT2V:
             shard_fn = lambda m, **kw: shard_model(m, device_id=self.device,  # noqa: E731
                                                    process_group=self.group, **kw)
 
-        t5_arch = {v: config[k] for k, v in T5_ARCH_KEYS.items() if k in config}
-        t5_source = None if random_init or self.layout.t5.layout == 'original' else \
-            self.layout.t5
-        logging.info('loading %s', 'random T5 weights' if random_init else
-                     self.layout.t5.describe())
-        # random weights are drawn where the fill is fast (the GPU), then kept on the CPU
-        # like a loaded checkpoint
-        self.text_encoder = T5EncoderModel(
-            text_len=config.text_len,
-            dtype=config.t5_dtype,
-            device=self.device if random_init else torch.device('cpu'),
-            checkpoint_path=None if random_init or t5_source else os.path.join(
-                checkpoint_dir, config.t5_checkpoint),
-            tokenizer_path=self.layout.tokenizer.path if self.layout is not None else (
-                os.path.join(checkpoint_dir, config.t5_tokenizer) if checkpoint_dir else None),
-            shard_fn=shard_fn if t5_fsdp else None,
-            arch=t5_arch or None,
-            random_init_seed=random_init_seed if random_init else None,
-            source=t5_source)
-        self.text_encoder.model.to('cpu')
+        self._t5_recipe = dict(checkpoint_dir=checkpoint_dir, random_init_seed=random_init_seed,
+                               shard_fn=shard_fn if t5_fsdp else None)
+        self.text_encoder = self.build_text_encoder()
 
         self.vae_stride = config.vae_stride
         self.patch_size = config.patch_size
@@ -232,6 +215,34 @@ class WanT2V:
                 observer.stage_finished(name, info)
 
     # ------------------------------------------------------------------ construction
+    def build_text_encoder(self) -> T5EncoderModel:
+        """The umT5 encoder from this pipeline's checkpoint (or its seeded random weights),
+        on the CPU. Called once at construction; the optimized pipeline calls it again when
+        the memory plan freed the encoder to make host room ('reload')."""
+        config, recipe = self.config, self._t5_recipe
+        checkpoint_dir, random_init = recipe['checkpoint_dir'], self.random_init
+        t5_arch = {v: config[k] for k, v in T5_ARCH_KEYS.items() if k in config}
+        t5_source = None if random_init or self.layout.t5.layout == 'original' else \
+            self.layout.t5
+        logging.info('loading %s', 'random T5 weights' if random_init else
+                     self.layout.t5.describe())
+        # random weights are drawn where the fill is fast (the GPU), then kept on the CPU
+        # like a loaded checkpoint
+        encoder = T5EncoderModel(
+            text_len=config.text_len,
+            dtype=config.t5_dtype,
+            device=self.device if random_init else torch.device('cpu'),
+            checkpoint_path=None if random_init or t5_source else os.path.join(
+                checkpoint_dir, config.t5_checkpoint),
+            tokenizer_path=self.layout.tokenizer.path if self.layout is not None else (
+                os.path.join(checkpoint_dir, config.t5_tokenizer) if checkpoint_dir else None),
+            shard_fn=recipe['shard_fn'],
+            arch=t5_arch or None,
+            random_init_seed=recipe['random_init_seed'] if random_init else None,
+            source=t5_source)
+        encoder.model.to('cpu')
+        return encoder
+
     @staticmethod
     def resolve_device(device: Optional[Union[str, torch.device]],
                        device_id: int = 0) -> torch.device:

@@ -158,6 +158,7 @@ class WanT2VOptimized(WanT2V):
         # CUDA only: cuDNN's native layout; on the CPU channels-last convs are slower
         self.vae.set_channels_last(opts.vae_channels_last and on_cuda)
         self._t5_offload = None
+        self._t5_freed = False  # the planner's 'reload' placement dropped T5's weights
         if on_cuda and not is_fsdp(self.text_encoder.model):
             # pinned host copy: T5 moves to the GPU at full PCIe bandwidth (~0.5 s, not ~10 s)
             self._t5_offload = PinnedOffload(self.text_encoder.model)
@@ -214,6 +215,8 @@ class WanT2VOptimized(WanT2V):
                                self.vae.model) for t in (*m.parameters(), *m.buffers())]
         for t in {id(t): t for t in tensors}.values():
             n = t.numel() * t.element_size()
+            if t.device.type == 'meta':  # freed (T5 under the 'reload' placement)
+                continue
             if t.device.type == 'cuda':
                 gpu += n
             else:
@@ -483,6 +486,8 @@ class WanT2VOptimized(WanT2V):
             if self.opt.prompt_cache and p in self._prompt_cache:
                 out.append(self._prompt_cache[p])
                 continue
+            if self._t5_freed:
+                self._reload_text_encoder()
             if t5_on_gpu:
                 self._t5_to(self.device)
                 ctx = self.text_encoder([p], self.device)[0]
@@ -496,7 +501,25 @@ class WanT2VOptimized(WanT2V):
             out.append(ctx)
         if t5_on_gpu and plan.t5 == 'gpu_then_freed':
             self._t5_to('cpu')
+        if plan is not None and plan.host.get('t5') == 'reload' and not self._t5_freed and \
+                self.plans_placement:
+            self._free_text_encoder()
         return out
+
+    def _free_text_encoder(self) -> None:
+        """The plan has no host room for T5 between encodes: drop its weights (the prompts
+        already encoded stay cached); the next new prompt reads them again."""
+        logging.info('T5 freed after encoding (no host room for it; read again when needed)')
+        self._t5_to('cpu')
+        self._t5_offload = None
+        self.text_encoder.model.to('meta')
+        self._t5_freed = True
+
+    def _reload_text_encoder(self) -> None:
+        self.text_encoder = self.build_text_encoder()
+        if self.device.type == 'cuda':
+            self._t5_offload = PinnedOffload(self.text_encoder.model)
+        self._t5_freed = False
 
     def _t5_follow_plan(self, plan: MemoryPlan) -> None:
         """A T5 left on the GPU by an earlier call leaves when this plan has no room for it."""
@@ -505,8 +528,8 @@ class WanT2VOptimized(WanT2V):
 
     def _t5_to(self, device) -> None:
         offload = getattr(self, '_t5_offload', None)
-        if is_fsdp(self.text_encoder.model):
-            return  # sharded across the ranks' GPUs: it stays where FSDP put it
+        if is_fsdp(self.text_encoder.model) or self._t5_freed:
+            return  # sharded across the ranks' GPUs (it stays where FSDP put it), or freed
         if offload is None:
             self.text_encoder.model.to(device)
         elif torch.device(device).type == 'cpu':
