@@ -84,6 +84,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--cfg_parallel', action='store_true', default=False)
     p.add_argument('--dit_fsdp', action='store_true', default=False)
     p.add_argument('--t5_fsdp', action='store_true', default=False)
+    p.add_argument('--peer', default=None, choices=['diffusers'],
+                   help="time diffusers' WanTransformer3DModel beside this project's forward "
+                        '(same GPU, same process, same shapes; bench/peer.py; needs diffusers)')
     p.add_argument('--throughput', type=int, default=None, metavar='PROMPTS',
                    help='videos per hour for this many prompts on --nproc GPUs, one torchrun '
                         'per --layouts entry (bench/throughput.py)')
@@ -160,6 +163,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if args.scaling:
             from .scaling import run_scaling
             return run_scaling(args, argv)
+        if args.peer is not None:
+            from .peer import diffusers_available
+            from .peer import main as peer_main
+            if not diffusers_available():
+                raise RequestError('--peer diffusers needs the diffusers package (pip install '
+                                   'diffusers); it is never a dependency of this project')
+            if not torch.cuda.is_available():
+                raise RequestError('--peer diffusers compares forwards on a CUDA GPU')
+            peer_main(['--sizes', args.size, '--frames', str(args.frame_num)] +
+                      (['--output', args.output] if args.output else []))
+            return {'peer': args.peer, 'output_path': args.output}
         if args.throughput is not None:
             from .throughput import run_throughput
             return run_throughput(args, argv)

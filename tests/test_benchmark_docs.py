@@ -1,5 +1,6 @@
 """The benchmark package on the CPU (schema, stage recorder, launchers, checks) and the
 documents' tables vs bench/results."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -288,3 +289,15 @@ def test_benchmark_lightning_preset_with_a_random_lora(tmp_path):
     steps = r['modes']['optimized']['steps']
     assert len(steps['high']['all_seconds']) == 2 and len(steps['low']['all_seconds']) == 2
     assert r['modes']['optimized']['toggles']['cfg_skip'] is True
+
+
+@pytest.mark.skipif(importlib.util.find_spec('diffusers') is None,
+                    reason='diffusers is optional (never a dependency); not installed here')
+def test_peer_mode_smoke_on_cpu(tmp_path):
+    """bench/peer.py --tiny: both transformers build at small widths and run a forward."""
+    from bench.peer import main
+    out = tmp_path / 'peer.json'
+    assert main(['--tiny', '--sizes', '128*64', '--frames', '5', '--reps', '1',
+                 '--output', str(out)]) == 0
+    row = json.loads(out.read_text())['sizes']['128*64']
+    assert row['ours']['seconds'] > 0 and row['diffusers_eager']['native']['seconds'] > 0

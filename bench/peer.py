@@ -1,0 +1,214 @@
+"""`--peer diffusers`: this project's DiT forward beside diffusers' `WanTransformer3DModel`.
+
+    python benchmark_t2v.py --peer diffusers --sizes 832*480 1280*720 --output peer.json
+
+Only when the `diffusers` package is importable (it is never a dependency of this project).
+Both transformers are built with the task's A14B widths and random bf16 weights on one GPU,
+in one process, and run one forward (one CFG branch, batch 1, 512 text tokens) at the same
+shapes, after a warm-up:
+- this project: WanT2VOptimized's forward options (per-sample time, fp32 RoPE, the fastest
+  attention kernel) and compiled blocks, in the reference's numerics (fp32 residual stream);
+- diffusers, eager, with each attention backend it can use here (native SDPA, cuDNN, FA3),
+  and with `compile_repeated_blocks(fullgraph=True)` on its fastest eager backend.
+Per size and variant: the median seconds per forward and the peak GPU memory above the
+weights. diffusers' FA3 backend looks for the `flash_attn_interface` module; where only the
+`fa3-fwd` wheel provides FA3 (`fa3_fwd_interface`, the same functions), that module is
+registered under the expected name for the run, and the JSON says so. `--tiny` runs small
+widths on the CPU (a smoke test of this script, no measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from wan.utils.timing import Timer  # noqa: E402
+
+__all__ = ['diffusers_available', 'peer_forwards', 'main']
+
+GiB = 2**30
+TINY = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2)
+
+
+def diffusers_available() -> bool:
+    return importlib.util.find_spec('diffusers') is not None
+
+
+def _fa3_alias() -> Optional[str]:
+    """Make the fa3-fwd wheel visible to diffusers under the module name it imports."""
+    if importlib.util.find_spec('flash_attn_interface') is not None:
+        return None
+    try:
+        mod = importlib.import_module('fa3_fwd_interface')
+    except Exception:  # noqa: BLE001 - no FA3 here
+        return None
+    sys.modules['flash_attn_interface'] = mod
+    return 'fa3_fwd_interface registered as flash_attn_interface for diffusers'
+
+
+def _enable_diffusers_fa3() -> bool:
+    from diffusers.models import attention_dispatch as ad
+    mod = sys.modules.get('flash_attn_interface')
+    if mod is None or not torch.cuda.is_available():
+        return False
+    ad._CAN_USE_FLASH_ATTN_3 = True
+    ad.flash_attn_3_func = mod.flash_attn_func
+    if hasattr(mod, 'flash_attn_varlen_func'):
+        ad.flash_attn_3_varlen_func = mod.flash_attn_varlen_func
+    return True
+
+
+def _time(fn: Callable[[], Any], reps: int, timer: Timer, device) -> Dict[str, float]:
+    """Warm-up call (compile included), then `reps` timed calls: median seconds, peak."""
+    with torch.no_grad():
+        fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        times: List[float] = []
+        for _ in range(reps):
+            with timer(times):
+                fn()
+        peak = (torch.cuda.max_memory_allocated() - base) / GiB if device.type == 'cuda' \
+            else None
+    return {'seconds': statistics.median(times), 'activation_peak_gib': peak}
+
+
+def peer_forwards(sizes: List[str], frames: int, reps: int, tiny: bool = False,
+                  backends: Optional[List[str]] = None) -> Dict[str, Any]:
+    from wan.configs import SIZE_CONFIGS, WAN_CONFIGS
+    from wan.modules.attention import resolve_backend
+    from wan.modules.model import ForwardOptions, WanModel
+    from wan.optimizations import compile_blocks
+    from wan.utils.dtype_policy import dtype_rule
+    alias = _fa3_alias()
+    import diffusers
+    from diffusers import WanTransformer3DModel
+
+    cfg = WAN_CONFIGS['t2v-A14B']
+    widths = TINY if tiny else dict(dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_heads=cfg.num_heads,
+                                    num_layers=cfg.num_layers)
+    dev = torch.device('cpu' if tiny else 'cuda')
+    timer = Timer(dev)
+    gen = torch.Generator(dev).manual_seed(0)
+    ours = WanModel.from_random(seed=0, device=dev, dtype_rule=dtype_rule(
+        WanModel, 'matmul', torch.bfloat16), **widths)
+    kernel = resolve_backend('auto', dev)
+    ours.set_options(ForwardOptions(attn_backend=kernel, per_sample_time=True,
+                                    fast_rope=True))
+    if dev.type == 'cuda':
+        compile_blocks(ours)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # diffusers' modules built straight in bf16
+    try:
+        with torch.device(dev):
+            theirs = WanTransformer3DModel(
+                num_attention_heads=widths['num_heads'],
+                attention_head_dim=widths['dim'] // widths['num_heads'],
+                ffn_dim=widths['ffn_dim'], num_layers=widths['num_layers'],
+                text_dim=4096, freq_dim=256).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(saved)
+    fa3 = _enable_diffusers_fa3()
+    backends = backends or (['native', '_native_cudnn'] + (['_flash_3'] if fa3 else [])
+                            if dev.type == 'cuda' else ['native'])
+    out: Dict[str, Any] = {
+        'diffusers': diffusers.__version__, 'torch': torch.__version__,
+        'gpu': torch.cuda.get_device_name() if dev.type == 'cuda' else None,
+        'widths': widths, 'frames': frames, 'reps': reps, 'ours_attention': kernel,
+        'ours_compiled': dev.type == 'cuda', 'fa3_alias': alias, 'sizes': {}}
+    for size in sizes:
+        w, h = SIZE_CONFIGS[size]
+        t_lat = (frames - 1) // 4 + 1
+        lat = torch.randn(16, t_lat, h // 8, w // 8, device=dev, generator=gen)
+        seq_len = t_lat * (h // 16) * (w // 16)
+        ctx = torch.randn(512, 4096, device=dev, generator=gen).bfloat16()
+        t = torch.tensor([900], device=dev)
+        row: Dict[str, Any] = {'tokens': seq_len}
+
+        def run_ours():
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                return ours([lat], t, [ctx], seq_len)
+
+        row['ours'] = _time(run_ours, reps, timer, dev)
+        logging.info('%s ours: %s', size, row['ours'])
+        hidden, text = lat[None].bfloat16(), ctx[None]
+
+        def run_theirs():
+            return theirs(hidden_states=hidden, timestep=t, encoder_hidden_states=text,
+                          return_dict=False)
+
+        eager = {}
+        for backend in backends:
+            try:
+                theirs.set_attention_backend(backend)
+                eager[backend] = _time(run_theirs, reps, timer, dev)
+            except Exception as exc:  # noqa: BLE001 - a backend that cannot run here
+                eager[backend] = {'error': f'{type(exc).__name__}: {str(exc)[:200]}'}
+            logging.info('%s diffusers eager %s: %s', size, backend, eager[backend])
+        row['diffusers_eager'] = eager
+        ok = {b: r['seconds'] for b, r in eager.items() if 'seconds' in r}
+        if ok and dev.type == 'cuda':
+            best = min(ok, key=ok.get)
+            theirs.set_attention_backend(best)
+            if not getattr(theirs, '_wan_compiled', False):
+                theirs.compile_repeated_blocks(fullgraph=True)
+                theirs._wan_compiled = True
+            row['diffusers_compiled'] = dict(_time(run_theirs, reps, timer, dev),
+                                             attention=best)
+            logging.info('%s diffusers compiled: %s', size, row['diffusers_compiled'])
+            row['ours_speedup_vs_diffusers_compiled'] = \
+                row['diffusers_compiled']['seconds'] / row['ours']['seconds']
+        out['sizes'][size] = row
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--sizes', nargs='+', default=['832*480', '1280*720'])
+    p.add_argument('--frames', type=int, default=81)
+    p.add_argument('--reps', type=int, default=2)
+    p.add_argument('--tiny', action='store_true', help='small widths on the CPU (smoke test)')
+    p.add_argument('--output', default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format='[%(asctime)s] %(levelname)s: %(message)s')
+    if not diffusers_available():
+        print('error: --peer diffusers needs the diffusers package (pip install diffusers)',
+              file=sys.stderr)
+        return 1
+    if not args.tiny and not torch.cuda.is_available():
+        print('error: the peer comparison needs a CUDA GPU (or --tiny for a CPU smoke test)',
+              file=sys.stderr)
+        return 1
+    t0 = time.perf_counter()
+    out = peer_forwards(args.sizes, args.frames, args.reps, tiny=args.tiny)
+    out.update(seconds=time.perf_counter() - t0, git_commit=os.environ.get('GIT_COMMIT'),
+               command=' '.join([os.path.basename(sys.executable), *sys.argv]))
+    if args.output:
+        with open(args.output, 'w') as f:
+            json.dump(out, f, indent=2)
+    print(f"{'size':<10}{'ours s':>9}{'diffusers eager (best) s':>26}{'compiled s':>12}"
+          f"{'ours vs compiled':>18}")
+    for size, r in out['sizes'].items():
+        ok = [v['seconds'] for v in r['diffusers_eager'].values() if 'seconds' in v]
+        comp = r.get('diffusers_compiled', {}).get('seconds')
+        print(f"{size:<10}{r['ours']['seconds']:>9.3f}{min(ok) if ok else float('nan'):>26.3f}"
+              f"{comp if comp else float('nan'):>12.3f}"
+              f"{r.get('ours_speedup_vs_diffusers_compiled', float('nan')):>17.3f}x")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
