@@ -23,16 +23,9 @@ def contiguous(sd):
 
 
 @pytest.fixture(scope='module')
-def original(tmp_path_factory, tiny_pipe):
-    """The tiny pipeline written in the released layout, with a real tokenizer folder."""
-    from test_pipeline import _write_tokenizer
-    root = tmp_path_factory.mktemp('original')
-    torch.save(tiny_pipe.text_encoder.model.state_dict(), root / 'models_t5_umt5-xxl-enc-bf16.pth')
-    torch.save(tiny_pipe.vae.model.state_dict(), root / 'Wan2.1_VAE.pth')
-    for sub in ('low_noise_model', 'high_noise_model'):
-        getattr(tiny_pipe, sub).save_pretrained(str(root / sub), max_shard_bytes=200_000)
-    _write_tokenizer(root / 'google' / 'umt5-xxl')
-    return root
+def original(released_ckpt):
+    """The tiny pipeline in the released layout, with a real tokenizer folder (conftest)."""
+    return released_ckpt
 
 
 def video(pipe):
@@ -120,9 +113,7 @@ def test_loras_merged_as_they_load_equal_a_merge_by_hand(tmp_path, tiny_cfg, tin
 
 
 def test_a_missing_lora_is_refused_before_any_model_is_built(tmp_path, tiny_cfg, original,
-                                                             monkeypatch):
-    import wan.text2video as t2v
-    monkeypatch.setattr(t2v, 'T5EncoderModel', lambda *a, **k: pytest.fail('T5 was built'))
+                                                             no_model_build):
     with pytest.raises(FileNotFoundError, match='LoRA file not found'):
         WanT2V(tiny_cfg, str(original), loras=[str(tmp_path / 'nope.safetensors')])
 

@@ -42,20 +42,6 @@ def _logging_restored(restore_logging):
     """Every test here may run a CLI (tests/conftest.py: restore_logging)."""
 
 
-@pytest.fixture
-def no_model_build(monkeypatch):
-    """Building or loading any model (or the pipeline) fails the test."""
-    def boom(*a, **k):
-        raise AssertionError('a model was built before the inputs were checked')
-
-    monkeypatch.setattr(t2v, 'T5EncoderModel', boom)
-    monkeypatch.setattr(t2v, 'Wan2_1_VAE', boom)
-    monkeypatch.setattr(t2v.WanModel, 'from_pretrained', boom)
-    monkeypatch.setattr(t2v.WanModel, 'from_source', boom)
-    monkeypatch.setattr(t2v.WanModel, 'from_random', boom)
-    monkeypatch.setattr(generate, 'build_pipeline', boom)
-
-
 class StubPipe:
     """A pipeline that 'generates' a fixed smooth video, for save-path tests."""
 
@@ -414,33 +400,11 @@ def test_a14b_on_cpu_refused_early(tmp_path, capsys, no_model_build):
 # checkpoints: missing and damaged files
 # ---------------------------------------------------------------------------------------------
 
-def _write_tokenizer(folder):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    words = ['<pad>', '</s>', '<unk>', 'a', 'fox']
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='<unk>'))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='<pad>', eos_token='</s>',
-                            unk_token='<unk>').save_pretrained(str(folder))
-
-
-@pytest.fixture(scope='module')
-def tiny_ckpt_master(tmp_path_factory, tiny_pipe):
-    """The tiny pipeline in the released layout, experts in several shards."""
-    ckpt = tmp_path_factory.mktemp('ckpt') / 'Wan2.2-T2V-tiny'
-    ckpt.mkdir()
-    torch.save(tiny_pipe.text_encoder.model.state_dict(), ckpt / 'models_t5_umt5-xxl-enc-bf16.pth')
-    torch.save(tiny_pipe.vae.model.state_dict(), ckpt / 'Wan2.1_VAE.pth')
-    for sub in ('low_noise_model', 'high_noise_model'):
-        getattr(tiny_pipe, sub).save_pretrained(str(ckpt / sub), max_shard_bytes=200_000)
-    _write_tokenizer(ckpt / 'google' / 'umt5-xxl')
-    return ckpt
-
-
 @pytest.fixture
-def tiny_ckpt(tiny_ckpt_master, tmp_path):
+def tiny_ckpt(released_ckpt, tmp_path):
+    """A copy of the released-layout tiny checkpoint (tests/conftest.py), free to damage."""
     ckpt = tmp_path / 'ckpt'
-    shutil.copytree(tiny_ckpt_master, ckpt)
+    shutil.copytree(released_ckpt, ckpt)
     return ckpt
 
 
