@@ -285,7 +285,7 @@ class WanT2VOptimized(WanT2V):
         """Load straight to the final placement, each tensor in its stored dtype: a resident
         expert from the file (or the random generator) to the GPU, a streamed one's blocks
         into one page-locked host buffer (its other weights to the GPU)."""
-        if self.device.type != 'cuda' or use_sp or dit_fsdp or self.cfg_parallel:
+        if use_sp or dit_fsdp or not self.plans_placement:
             return super()._build_expert(subfolder, checkpoint_dir, seed, use_sp, dit_fsdp,
                                          shard_fn, convert_model_dtype)
         name = 'high_noise' if subfolder == self.config.high_noise_checkpoint else 'low_noise'
@@ -311,7 +311,7 @@ class WanT2VOptimized(WanT2V):
         return self._configure_model(model, use_sp, dit_fsdp, shard_fn, convert_model_dtype)
 
     def _place_expert(self, model: nn.Module) -> None:
-        if self.device.type != 'cuda' or self.sp_size > 1 or self.cfg_parallel:
+        if not self.plans_placement:
             super()._place_expert(model)
         # else: _build_expert loaded it where the plan wants it
 
