@@ -86,7 +86,9 @@ def _time(fn: Callable[[], Any], reps: int, timer: Timer, device) -> Dict[str, f
 
 
 def peer_forwards(sizes: List[str], frames: int, reps: int, tiny: bool = False,
-                  backends: Optional[List[str]] = None) -> Dict[str, Any]:
+                  backends: Optional[List[str]] = None,
+                  after_size: Optional[Callable[[Dict[str, Any]], None]] = None
+                  ) -> Dict[str, Any]:
     from wan.configs import SIZE_CONFIGS, WAN_CONFIGS
     from wan.modules.attention import resolve_backend
     from wan.modules.model import ForwardOptions, WanModel
@@ -171,6 +173,8 @@ def peer_forwards(sizes: List[str], frames: int, reps: int, tiny: bool = False,
             row['ours_speedup_vs_diffusers_compiled'] = \
                 row['diffusers_compiled']['seconds'] / row['ours']['seconds']
         out['sizes'][size] = row
+        if after_size is not None:  # what is measured so far survives a later failure
+            after_size(out)
     return out
 
 
@@ -180,6 +184,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--frames', type=int, default=81)
     p.add_argument('--reps', type=int, default=2)
     p.add_argument('--tiny', action='store_true', help='small widths on the CPU (smoke test)')
+    p.add_argument('--backends', nargs='+', default=None,
+                   help="diffusers' eager attention backends to time (default: native, "
+                        "_native_cudnn and _flash_3 where FA3 is importable)")
     p.add_argument('--output', default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
@@ -193,12 +200,18 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 1
     t0 = time.perf_counter()
-    out = peer_forwards(args.sizes, args.frames, args.reps, tiny=args.tiny)
-    out.update(seconds=time.perf_counter() - t0, git_commit=os.environ.get('GIT_COMMIT'),
-               command=' '.join([os.path.basename(sys.executable), *sys.argv]))
-    if args.output:
-        with open(args.output, 'w') as f:
-            json.dump(out, f, indent=2)
+    meta = dict(git_commit=os.environ.get('GIT_COMMIT'),
+                command=' '.join([os.path.basename(sys.executable), *sys.argv]))
+
+    def write(out: Dict[str, Any]) -> None:
+        if args.output:
+            with open(args.output, 'w') as f:
+                json.dump(dict(out, **meta, seconds=time.perf_counter() - t0), f, indent=2)
+
+    out = peer_forwards(args.sizes, args.frames, args.reps, tiny=args.tiny,
+                        backends=args.backends, after_size=write)
+    out.update(meta, seconds=time.perf_counter() - t0)
+    write(out)
     print(f"{'size':<10}{'ours s':>9}{'diffusers eager (best) s':>26}{'compiled s':>12}"
           f"{'ours vs compiled':>18}")
     for size, r in out['sizes'].items():
