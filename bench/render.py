@@ -46,9 +46,13 @@ RUNS = {
     '480p_after_seams': 'h200_832x480_both_9a0d91b.json',
     # bench/placement_check.py: resident vs GPU caps (block streaming), one process
     'placement': 'h200_placement_9a0d91b.json',
+    # the same script under the 16 / 40 / 48 GiB caps, after the VAE probe fix
+    'placement_caps': 'h200_placement_9168104.json',
+    # --ablate bf16_weights, one fresh process per configuration, no --convert_model_dtype
+    'ablation_bf16': 'h200_832x480_ablation_bf16_weights_9168104.json',
 }
 # the runs of the ablation table, in order
-ABLATION_RUNS = ('ablation_batched', '480p_default', 'ablation')
+ABLATION_RUNS = ('ablation_batched', '480p_default', 'ablation', 'ablation_bf16')
 # the runs the targets are judged on: RUNS key -> size tag of bench.targets.TARGETS
 TARGET_RUNS = {'480p': '480p', '720p': '720p'}
 DOCS = ('OPTIMIZATION_SUMMARY.md', 'OPTIMIZATION_ANALYSIS.md', 'OPTIMIZATION_GUIDE.md',
@@ -503,11 +507,17 @@ def table_stages_after_seams() -> str:
 
 def table_placement() -> str:
     """bench/placement_check.py: the same generation resident and under GPU caps."""
-    data = load_raw('placement')
-    rows = [f"Source: `bench/results/{RUNS['placement']}` — {data['gpu']}, torch "
+    return '\n\n'.join(_placement_rows(name) for name in ('placement', 'placement_caps'))
+
+
+def _placement_rows(name: str) -> str:
+    data = load_raw(name)
+    rows = [f"Source: `bench/results/{RUNS[name]}` — {data['gpu']}, torch "
             f"{data['torch']}, t2v-A14B, {data['frames']} frames, {data['steps']} measured "
-            f"steps (one per expert), {data['weights']}, commit {commit_of('placement')}, "
-            f"command `{data['command'].replace('/root/out/', '')}`.", '',
+            f"steps (one per expert), {data['weights']}, commit {commit_of(name)}, "
+            f"command `{data['command'].replace('/root/out/', '')}`"
+            + (f", peak host RSS {f(data['peak_host_rss_gib'], 1)} GiB"
+               if data.get('peak_host_rss_gib') else '') + '.', '',
             '| size | GPU cap (GiB) | plan | DiT step high / low (s) | step vs resident '
             '| peak GPU allocated / reserved (GiB) | video vs resident |',
             '|---|---|---|---|---|---|---|']
@@ -517,12 +527,20 @@ def table_placement() -> str:
             rows.append(f"| {r['size']} | {cap} | refused: {r['error']} | | | | |")
             continue
         st, ratio = r['step_seconds'], r.get('step_ratio_to_first_run')
+        first = '(the resident run)' if r['cap_gib'] is None else \
+            '(no resident run at this size in this file)'
         same = ('identical' if r.get('identical_to_first_run') else
                 f"PSNR {f(r.get('psnr_vs_first_run_db'), 1)} dB") \
-            if 'identical_to_first_run' in r else '(the resident run)'
+            if 'identical_to_first_run' in r else first
+        ratio_text = f"{f(ratio['high'], 3)} / {f(ratio['low'], 3)}" if ratio else \
+            ('1' if r['cap_gib'] is None else '-')
+        base = next(x for x in data['runs'] if x['size'] == r['size'] and
+                    x.get('step_seconds'))
+        if ratio and base['cap_gib'] is not None:  # compared with a capped run, not resident
+            ratio_text += f" (vs the {base['cap_gib']:g} GiB run)"
+            same += f" (vs the {base['cap_gib']:g} GiB run)"
         rows.append(f"| {r['size']} | {cap} | {r['plan'].split('; GPU peak')[0]} | "
-                    f"{f(st['high'])} / {f(st['low'])} | "
-                    + (f"{f(ratio['high'], 3)} / {f(ratio['low'], 3)}" if ratio else '1') +
+                    f"{f(st['high'])} / {f(st['low'])} | {ratio_text}"
                     f" | {f(r['peak_gpu_gib'], 1)} / {f(r['peak_gpu_reserved_gib'], 1)} | "
                     f"{same} |")
     return '\n'.join(rows)
