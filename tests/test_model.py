@@ -279,6 +279,52 @@ def test_block_runner_is_the_one_loop():
     assert torch.equal(out[0][0], ref) and torch.equal(out[1][0], ref)
 
 
+def test_block_runner_frees_each_blocks_input():
+    # the runner replaces the streams in the caller's list: once block 0 has returned, its
+    # input (the bf16 embedding output, which block 0 promoted to an fp32 copy) is
+    # referenced by nobody, so it is freed before block 1
+    import weakref
+
+    from wan.modules.model import BlockRunner
+
+    class Watching(BlockRunner):
+        def __init__(self):
+            self.inputs, self.alive = [], []
+
+        def run_block(self, index, block, x, a):
+            self.alive.append([r() is not None for r in self.inputs])
+            self.inputs.append(weakref.ref(x))
+            return super().run_block(index, block, x, a)
+
+    model = tiny_model(seed=6)
+    lat, ctx, t = [torch.randn(16, 2, 4, 4)], [torch.randn(4, 32)], torch.tensor([500])
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        ref = model(lat, t, ctx, seq_len=8)[0]
+        model.block_runner = Watching()
+        out = model(lat, t, ctx, seq_len=8)[0]
+    assert torch.equal(out, ref)
+    assert model.block_runner.alive[1] == [False]  # block 0's input freed before block 1
+
+
+def test_self_attention_casts_its_input_once_under_autocast():
+    # q, k and v read one bf16 copy of the modulated input (what each linear would have
+    # cast it to), and the output is unchanged
+    from wan.modules.model import _autocast_input
+    x = torch.randn(1, 8, 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = _autocast_input(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, x.bfloat16())
+    assert _autocast_input(x) is x  # autocast off: untouched
+    model = tiny_model(seed=6)
+    attn = model.blocks[0].self_attn
+    xm = torch.randn(1, 8, model.dim)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        q, k, v = attn.qkv(xm)
+        ref_q = attn.norm_q(attn.q(xm)).view_as(q)
+        ref_v = attn.v(xm).view_as(v)
+    assert torch.equal(q, ref_q) and torch.equal(v, ref_v)
+
+
 def test_block_updates_an_fp32_residual_in_place_and_promotes_bf16():
     model = tiny_model(seed=7)
     block = model.blocks[0]

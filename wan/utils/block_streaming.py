@@ -205,7 +205,7 @@ class StreamingBlockRunner(BlockRunner):
                 compute.wait_event(copied.pop(i))
             _rebind(block, self._slots_now()[1][i % 2])
             try:
-                xs = [self.run_block(i, block, x, a) for x, a in zip(xs, inputs)]
+                xs[:] = [self.run_block(i, block, x, a) for x, a in zip(xs, inputs)]
             finally:
                 _rebind(block, self.host_views[i])
             if self.cuda:
