@@ -17,7 +17,7 @@ There is one forward, with two seams (docs/ARCHITECTURE.md):
   the tokens before the blocks, wraps each self-attention in all-to-alls and gathers the
   tokens after the head.
 RoPE is prepared once per forward as one per-token table (`WanModel.rope_table`) that every
-block receives: complex128 rotations on the reference path, an fp32 (cos, sin) table with
+block receives: complex128 rotations on the reference path, fp32 rotation matrices with
 `fast_rope`.
 """
 from __future__ import annotations
@@ -151,37 +151,39 @@ def rope_freqs_table(grid_sizes: torch.Tensor, freqs: torch.Tensor,
 
 def rope_cos_sin(grid_sizes: torch.Tensor, freqs: torch.Tensor, seq_len: int,
                  device: torch.device) -> torch.Tensor:
-    """fp32 (B, seq_len, 1, head_dim/2, 2) table of (cos, sin); identity past the true length.
+    """fp32 (B, seq_len, 1, head_dim/2, 2, 2) rotation matrices [[cos, -sin], [sin, cos]] of
+    every (token, channel pair); the identity past the true length.
 
     The same float64 rotations as `rope_freqs_table`, rounded to fp32, so rotating with it is
     the same math in fp32 instead of float64 (differences at fp32 rounding level).
     """
-    table = rope_freqs_table(grid_sizes, freqs.cpu(), seq_len)
-    return torch.view_as_real(table).to(device=device, dtype=torch.float32)
+    table = torch.view_as_real(rope_freqs_table(grid_sizes, freqs.cpu(), seq_len))
+    cos, sin = table[..., 0], table[..., 1]
+    rot = torch.stack([torch.stack([cos, -sin], dim=-1), torch.stack([sin, cos], dim=-1)],
+                      dim=-2)
+    return rot.to(device=device, dtype=torch.float32)
 
 
-def rope_apply_fast(x: torch.Tensor, cos_sin: torch.Tensor,
+def rope_apply_fast(x: torch.Tensor, rot: torch.Tensor,
                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """RoPE with a precomputed fp32 (cos, sin) table, computed in fp32, returned in
-    `out_dtype` (fp32 like rope_apply by default).
+    """RoPE with the precomputed fp32 rotation matrices of `rope_cos_sin`, computed in fp32,
+    returned in `out_dtype` (fp32 like rope_apply by default).
 
-    Each (a, b) pair becomes (a cos - b sin, a sin + b cos). The pair is put back together
-    with a `where` over the pair axis rather than a `stack`: the same fp32 expressions, but
-    pointwise, so a compiled block writes the rotated q/k straight in `out_dtype` instead of
-    materialising an fp32 copy of each (2 x 1.44 GiB at 1280*720)."""
+    Each channel pair (a, b) becomes (a cos - b sin, a sin + b cos), written as a 2x2 matrix
+    times the pair: the same products and sums, and in a compiled block one pointwise pass
+    from the q/k norm to the rounded output, with no fp32 copy of q or k in between (a
+    stack of the two halves makes the compiler keep such copies: 2 x 1.44 GiB at 1280*720,
+    and ~1.8x the time)."""
     xr = x.float().unflatten(-1, (-1, 2))
-    cos, sin = cos_sin[..., 0:1], cos_sin[..., 1:2]
-    a, b = xr[..., 0:1], xr[..., 1:2]
-    first = torch.arange(2, device=x.device) == 0  # the pair's first element
-    return torch.where(first, a * cos - b * sin, a * sin + b * cos).flatten(-2).to(out_dtype)
+    return (xr.unsqueeze(-2) * rot).sum(-1).flatten(-2).to(out_dtype)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Rotate q or k (B, L, heads, head_dim) with the forward's per-token RoPE table.
 
     A complex table (`rope_freqs_table`) is the reference math: float64 complex products,
-    fp32 out (the attention kernel then rounds to its dtype). An fp32 (cos, sin) table
-    (`rope_cos_sin`) is the fast path, rounded straight to `out_dtype`.
+    fp32 out (the attention kernel then rounds to its dtype). An fp32 table of rotation
+    matrices (`rope_cos_sin`) is the fast path, rounded straight to `out_dtype`.
     """
     if rope.is_complex():
         b, s, n, d = x.shape
@@ -593,7 +595,7 @@ class WanModel(nn.Module):
     def rope_table(self, grid_sizes: torch.Tensor, seq_len: int,
                    device: torch.device) -> torch.Tensor:
         """The per-token RoPE table of one forward (see apply_rope), cached per grid: complex128
-        rotations by default, the fp32 (cos, sin) table with `options.fast_rope`."""
+        rotations by default, fp32 rotation matrices with `options.fast_rope`."""
         key = (tuple(map(tuple, grid_sizes.tolist())), seq_len, str(device),
                self.options.fast_rope)
         if key not in self._rope_cache:
