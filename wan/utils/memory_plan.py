@@ -48,10 +48,10 @@ GiB = 2**30
 
 # Peak activation bytes per token and per batch element of one optimized DiT forward at the
 # A14B widths (dim 5120, ffn 13824), headroom included. Measured on the H200 (one compiled
-# expert, FA3, batch 1; bench/activation_check.py, bench/results/h200_activation_*.json):
-# peak above the weights 5.56 GiB at 1280*720 (77.1 KiB/token) and 2.41 GiB at 832*480
-# (77.1 KiB/token); rounded up by ~9%. Re-measure it whenever the forward's activation peak
-# changes.
+# expert, FA3, batch 1; bench/activation_check.py,
+# bench/results/h200_activation_{1280x720,832x480}_9877069.json): peak above the weights
+# 5.56 GiB at 1280*720 and 2.41 GiB at 832*480 (77.1 KiB/token both); rounded up by ~9%.
+# Re-measure it whenever the forward's activation peak changes.
 ACT_BYTES_PER_TOKEN_A14B = 84 * 1024
 # Peak of the optimized Wan2.1 VAE decode per output pixel of one chunk, weights and output
 # video not included: the probe decode (3 latent frames, every later chunk repeats its shapes)
