@@ -44,10 +44,21 @@ RUNS = {
     'vae_h200': 'h200_vae_check_720p21f_8d710fc.json',
     # after the seams refactor (issue 10), the same command as '480p' on an H200
     '480p_after_seams': 'h200_832x480_both_9a0d91b.json',
-    # bench/placement_check.py: resident vs GPU caps (block streaming), one process
-    'placement': 'h200_placement_9a0d91b.json',
-    # the same script under the 16 / 40 / 48 GiB caps, after the VAE probe fix
-    'placement_caps': 'h200_placement_9168104.json',
+    # bench/placement_check.py: resident vs every GPU cap (block streaming), one process per size
+    'placement_480p': 'h200_placement_832x480_9877069.json',
+    'placement_720p': 'h200_placement_1280x720_9877069.json',
+    # bench/activation_check.py: what is live at one compiled forward's peak, before / after
+    'activation_720p_before': 'h200_activation_1280x720_9168104.json',
+    'activation_720p': 'h200_activation_1280x720_9877069.json',
+    'activation_480p': 'h200_activation_832x480_9877069.json',
+    # bench/peer.py: diffusers' transformer beside ours, same process (before / after)
+    'peer_before': 'h200_peer_diffusers_9168104.json',
+    'peer': 'h200_peer_diffusers_024ccd7.json',
+    # bench/fp8_pipeline_check.py: fp8 variants of a whole generation vs bf16, one process
+    'fp8_480p': 'h200_fp8_pipeline_832x480_9877069.json',
+    'fp8_720p': 'h200_fp8_pipeline_1280x720_9877069.json',
+    # bench/fp8_forward_check.py: one expert forward per fp8 variant (relative error)
+    'fp8_forward_720p': 'h200_fp8_forward_1280x720_9168104.json',
     # --ablate bf16_weights, one fresh process per configuration, no --convert_model_dtype
     'ablation_bf16': 'h200_832x480_ablation_bf16_weights_9168104.json',
 }
@@ -507,7 +518,177 @@ def table_stages_after_seams() -> str:
 
 def table_placement() -> str:
     """bench/placement_check.py: the same generation resident and under GPU caps."""
-    return '\n\n'.join(_placement_rows(name) for name in ('placement', 'placement_caps'))
+    return '\n\n'.join(_placement_rows(name) for name in ('placement_480p', 'placement_720p'))
+
+
+# the GPU sizes of the guide's table: label, the cap placement_check ran under (None: no cap)
+GPU_SIZES = [('16 GB', 16.0), ('24 GB (RTX 4090)', 24.0), ('32 GB', 32.0),
+             ('40 GB (A100 40GB)', 40.0), ('48 GB (L40S, A6000)', 48.0),
+             ('80 GB (H100, A100 80GB)', 80.0), ('141 GB (H200, no cap)', None)]
+
+
+def _plan_short(plan: str) -> str:
+    """The experts' and T5's part of a logged plan."""
+    parts = plan.split('; GPU peak')[0].split('; ')
+    keep = [x for x in parts if 'resident' in x or 'streamed' in x or x.startswith('T5')]
+    return '; '.join(dict.fromkeys(keep))
+
+
+def _slower(d: dict):
+    xs = [v for v in (d or {}).values() if v]
+    return max(xs) if xs else None
+
+
+def table_gpu_sizes() -> str:
+    """One row per GPU size, one column per video size: the plan and the measured step."""
+    runs = {(x['size'], x['cap_gib']): x for name in ('placement_480p', 'placement_720p')
+            for x in load_raw(name)['runs']}
+    sizes = ('832*480', '1280*720')
+    rows = ['| GPU (`--gpu_memory_gib`) | 832*480, 81 frames | 1280*720, 81 frames |',
+            '|---|---|---|']
+    for label, cap in GPU_SIZES:
+        cells = []
+        for size in sizes:
+            r = runs.get((size, cap))
+            if r is None:
+                cells.append('n/m')
+            elif 'error' in r:
+                cells.append('refused by the planner: ' + r['error'].split(': ', 1)[1]
+                             .split(': use')[0])
+            else:
+                ratio = _slower(r.get('step_ratio_to_first_run'))
+                cells.append(f"{_plan_short(r['plan'])}: step {f(r['step_seconds']['high'])} / "
+                             f"{f(r['step_seconds']['low'])} s"
+                             + (f" ({f(ratio, 3)}x resident)" if ratio else ' (resident)')
+                             + f", peak {f(r['peak_gpu_gib'], 1)} GiB")
+        rows.append(f"| {label} | {' | '.join(cells)} |")
+    r4, r7 = runs[('832*480', 16.0)], runs[('1280*720', 24.0)]
+    checks = [('streamed_step_ratio', '480p', _slower(r4.get('step_ratio_to_first_run'))),
+              ('streamed_step_ratio', '720p', _slower(r7.get('step_ratio_to_first_run'))),
+              ('streamed_peak_gib', '720p', r7.get('peak_gpu_gib'))]
+    rows += ['', 'Targets: ' + '; '.join(
+        f"{target(n, sz).meaning} at {'832*480' if sz == '480p' else '1280*720'} "
+        f"{'≤' if target(n, sz).kind == 'at most' else '≥'} {target(n, sz).value:g}"
+        f"{target(n, sz).unit}: {f(x, 3 if 'ratio' in n else 1)}{target(n, sz).unit} "
+        f"({verdict(target(n, sz), x)})" for n, sz, x in checks)
+        + f"; decoded video under the 24 GiB cap vs resident: "
+        f"{'identical' if r7.get('identical_to_first_run') else 'different'}."]
+    rows += ['', 'Measured on one H200 (the cap is enforced on the allocator, so each row '
+                 'emulates a GPU of that size), random bf16 weights, 2 steps (one per expert); '
+                 'step = DiT step of the high-noise / low-noise expert; the ratio is against '
+                 'the uncapped run of the same process. Sources: '
+                 f"`bench/results/{RUNS['placement_480p']}` and "
+                 f"`bench/results/{RUNS['placement_720p']}` (commit "
+                 f"{commit_of('placement_720p')}; full plans in the table below)."]
+    return '\n'.join(rows)
+
+
+def table_activation() -> str:
+    """The activation peak of one forward: before / after, eager / compiled, vs diffusers."""
+    peer, before = load_raw('peer'), load_raw('peer_before')
+    act = {'832*480': load_raw('activation_480p'), '1280*720': load_raw('activation_720p')}
+    act_before = {'1280*720': load_raw('activation_720p_before')}
+    rows = [f"| size | compiled, commit {commit_of('peer_before')} (GiB) | compiled, commit "
+            f"{commit_of('peer')} (GiB) | eager, {commit_of('activation_720p')} (GiB) | "
+            f"diffusers compiled + FA3 (GiB) | per token now (KiB) |",
+            '|---|---|---|---|---|---|']
+    for size, a in act.items():
+        now = peer['sizes'][size]['ours']['activation_peak_gib']
+        was = before['sizes'][size]['ours']['activation_peak_gib']
+        eager_before = act_before.get(size, {}).get('variants', {}).get('eager', {})
+        eager = a['variants']['eager']['activation_peak_gib']
+        eager_text = f(eager) + (f" (was {f(eager_before['activation_peak_gib'])})"
+                                 if eager_before else '')
+        rows.append(f"| {size} | {f(was)} | {f(now)} | {eager_text} | "
+                    f"{f(peer['sizes'][size]['diffusers_compiled']['activation_peak_gib'])} | "
+                    f"{f(now * 2**30 / 1024 / a['tokens'], 1)} |")
+    t = target('activation_peak_gib', '720p')
+    now7 = peer['sizes']['1280*720']['ours']['activation_peak_gib']
+    rows += ['', f"Target: {t.meaning} at 1280*720 ≤ {t.value:g}{t.unit}: {f(now7)}{t.unit} "
+                 f"({verdict(t, now7)}).",
+             '', 'Activation peak = peak allocated memory during one expert forward (batch 1, '
+                 '512 text tokens, random bf16 weights) minus what was allocated before it. '
+                 'Sources: `bench/results/' + RUNS['peer_before'] + '`, `bench/results/'
+                 + RUNS['peer'] + '` (the compiled columns and diffusers; 40 blocks), `'
+                 + '`, `'.join(f'bench/results/{RUNS[n]}' for n in
+                               ('activation_720p_before', 'activation_720p',
+                                'activation_480p'))
+                 + '` (eager; 2 blocks, the live tensors at the peak listed in each file).']
+    return '\n'.join(rows)
+
+
+def table_fp8() -> str:
+    """fp8 variants of a whole generation against bf16, one process per size."""
+    rows = ['| size | variant | fp8 parts | DiT step high / low (s) | step vs bf16 | '
+            'final latent rel. error | video PSNR vs bf16 (dB) | expert weights (GiB) | '
+            'peak GPU (GiB) |', '|---|---|---|---|---|---|---|---|---|']
+    for name in ('fp8_480p', 'fp8_720p'):
+        data = load_raw(name)
+        for key, v in data['variants'].items():
+            if 'error' in v:
+                rows.append(f"| {data['size']} | `{key}` | {v['error']} | | | | | | |")
+                continue
+            parts = ', '.join(v['fp8_parts']) or 'none'
+            if v['fp8_attention']:
+                parts += ' + self-attention (fa3_fp8)'
+            a = v['vs_bf16']
+            rows.append(f"| {data['size']} | `{key}` | {parts} | "
+                        f"{f(v['step_seconds']['high'])} / {f(v['step_seconds']['low'])} | "
+                        f"{f(_slower(v['step_ratio_to_bf16']), 3)}x | "
+                        f"{f(a['latent_rel_err'], 4)} | "
+                        f"{'bf16 itself' if a['psnr_db'] == float('inf') else f(a['psnr_db'], 1)}"
+                        f" | {f(v['model_gib'] / 2, 1)} | {f(v['peak_gpu_gib'], 1)} |")
+    fw = load_raw('fp8_forward_720p')
+    rows += ['', 'One expert forward at 1280*720, relative error of its output vs bf16 '
+                 f"(`bench/results/{RUNS['fp8_forward_720p']}`): " + '; '.join(
+                     f"`{k}` {f(v['rel_err_vs_first'], 4)} ({f(v['ratio_to_first'], 3)}x)"
+                     for k, v in fw['variants'].items() if 'error' not in v) + '.']
+    d7 = load_raw('fp8_720p')
+    best = d7['variants'].get('all+attn')
+    if best and 'error' not in best:
+        ts, tq = target('fp8_step_ratio', '720p'), target('fp8_psnr_db')
+        x, q = _slower(best['step_ratio_to_bf16']), best['vs_bf16']['psnr_db']
+        rows += ['', f"Targets at 1280*720: {ts.meaning} ≤ {ts.value:g}{ts.unit}: "
+                     f"{f(x, 3)}{ts.unit} ({verdict(ts, x)}); {tq.meaning} ≥ {tq.value:g}"
+                     f"{tq.unit}: {f(q, 1)}{tq.unit} ({verdict(tq, q)})."]
+    d4 = load_raw('fp8_480p')
+    rows += ['', f"Sources: `bench/results/{RUNS['fp8_480p']}` ({d4['steps']} steps) and "
+                 f"`bench/results/{RUNS['fp8_720p']}` ({d7['steps']} steps) — {d7['gpu']}, "
+                 f"torch {d7['torch']}, {d7['frames']} frames, commit {commit_of('fp8_720p')}, "
+                 'both experts resident, compiled blocks, exact attention '
+                 f"{d7['exact_attention']}; each variant ran on the same weights, prompt and "
+                 'seed, half of the steps per expert. **Random weights**: the errors say how '
+                 'far fp8 moves this network, not how a trained Wan2.2 reacts to it.']
+    return '\n'.join(rows)
+
+
+def table_peer() -> str:
+    """Per-forward time and activation peak beside diffusers' transformer, same process."""
+    rows = ['| commit | size | this project (s) | diffusers eager, best backend (s) | '
+            'diffusers `compile_repeated_blocks` + FA3 (s) | this project vs diffusers compiled '
+            '| activation peak, ours / diffusers compiled (GiB) |',
+            '|---|---|---|---|---|---|---|']
+    t = target('peer_speedup')
+    verdicts = []
+    for name in ('peer_before', 'peer'):
+        data = load_raw(name)
+        for size, r in data['sizes'].items():
+            eager = min(v['seconds'] for v in r['diffusers_eager'].values())
+            sp = r['ours_speedup_vs_diffusers_compiled']
+            rows.append(f"| {commit_of(name)} | {size} | {f(r['ours']['seconds'], 3)} | "
+                        f"{f(eager, 3)} | {f(r['diffusers_compiled']['seconds'], 3)} | "
+                        f"{f(sp, 3)}x | {f(r['ours']['activation_peak_gib'])} / "
+                        f"{f(r['diffusers_compiled']['activation_peak_gib'])} |")
+            if name == 'peer':
+                verdicts.append(f"{size} {f(sp, 3)}x ({verdict(t, sp)})")
+    data = load_raw('peer')
+    rows += ['', f"Target: {t.meaning} ≥ {t.value:g}{t.unit}: " + '; '.join(verdicts) + '.',
+             '', f"One expert forward (one CFG branch, batch 1, 512 text tokens, random bf16 "
+                 f"weights at the A14B widths), median of {data['reps']} after warm-up, "
+                 f"{data['gpu']}, torch {data['torch']}, diffusers {data['diffusers']}, "
+                 f"{data['frames']} frames. Sources: `bench/results/{RUNS['peer_before']}`, "
+                 f"`bench/results/{RUNS['peer']}` (`bench/peer.py`, each file one process)."]
+    return '\n'.join(rows)
 
 
 def _placement_rows(name: str) -> str:
@@ -549,6 +730,10 @@ def _placement_rows(name: str) -> str:
 TABLES = {
     'stages-after-seams': table_stages_after_seams,
     'placement': table_placement,
+    'gpu-sizes': table_gpu_sizes,
+    'activation': table_activation,
+    'fp8': table_fp8,
+    'peer': table_peer,
     'key-figures': table_key_figures,
     'targets': table_targets,
     'planner': table_planner,

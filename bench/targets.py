@@ -44,6 +44,25 @@ TARGETS: Dict[str, Target] = {
     # the optimized path's video tolerance (bench/vae_check.py uses it too)
     'psnr_vs_reference_db': Target(
         40, 'at least', 'decoded video PSNR vs the reference path', ' dB'),
+    # placement (block streaming under a GPU cap, bench/placement_check.py on one H200)
+    'streamed_step_ratio_480p': Target(
+        1.10, 'at most', 'DiT step with both experts streamed (16 GiB cap) / resident step, '
+        'same run, slower expert', 'x'),
+    'streamed_step_ratio_720p': Target(
+        1.05, 'at most', 'DiT step with both experts streamed (24 GiB cap) / resident step, '
+        'same run, slower expert', 'x'),
+    'streamed_peak_gib_720p': Target(
+        24, 'at most', 'peak GPU memory allocated under the 24 GiB cap', ' GiB'),
+    'activation_peak_gib_720p': Target(
+        6, 'at most', 'activation peak of one compiled forward, batch 1', ' GiB'),
+    # fp8 (lossy, opt-in; bench/fp8_pipeline_check.py, random weights)
+    'fp8_step_ratio_720p': Target(
+        0.75, 'at most', 'all-fp8 DiT step (linears + attention) / bf16 step, same run', 'x'),
+    'fp8_psnr_db': Target(
+        30, 'at least', 'decoded video PSNR of an fp8 variant vs the bf16 path', ' dB'),
+    # against diffusers' transformer (bench/peer.py, same process, same shapes)
+    'peer_speedup': Target(
+        1.05, 'at least', 'per-forward speed-up vs diffusers compiled + FA3', 'x'),
     # the seed material's claims (one H100, 1280*720, 81 frames, 40 steps)
     'claim_reference_seconds_720p': Target(
         300, 'claim', 'reference path, 40-step generation', ' s', tolerance=0.10),
