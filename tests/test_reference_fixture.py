@@ -2,7 +2,8 @@
 
 tests/data/reference_tiny*.pt were written by tests/data/record_reference_fixture.py at the
 commit named inside them (the pre-refactor tree), one per CPU kernel family: CPU kernels round
-differently on AVX2 and AVX-512, so the comparison uses the recording of this machine's family. Any change to the model, attention, solvers, VAE, T5 or WanT2V that
+differently on AVX2, AVX-512 and AVX-512 with native bf16, so the comparison uses the recording
+of this machine's family. Any change to the model, attention, solvers, VAE, T5 or WanT2V that
 alters one bit of the reference path's final latent or decoded video fails here.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import record_reference_fixture as fixture  # noqa: E402
 @pytest.fixture(scope='module')
 def recorded():
     cap = torch.backends.cpu.get_cpu_capability()
-    path = os.path.join(HERE, 'data', fixture.fixture_name(cap))
+    path = os.path.join(HERE, 'data', fixture.fixture_name(cap, fixture.native_bf16()))
     if not os.path.exists(path):
         pytest.skip(f'no reference recording for CPU kernel family {cap} (bit-identity is per '
                     f'family): record one with tests/data/record_reference_fixture.py at the '

@@ -53,11 +53,23 @@ def run_case(name: str):
     return seen[-1], video
 
 
-def fixture_name(cpu_capability: str) -> str:
-    """One recording per CPU kernel family: CPU kernels round differently on AVX2 and
-    AVX-512, so bit-identity holds only against a recording made on the same family."""
-    return 'reference_tiny.pt' if cpu_capability == 'AVX512' else \
-        f'reference_tiny_{cpu_capability.lower()}.pt'
+def native_bf16() -> bool:
+    """Whether this CPU has AVX-512 bf16 dot products (avx512_bf16, e.g. AMD Zen 4 or Intel
+    Sapphire Rapids): oneDNN then runs bf16 matmuls natively and rounds differently."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return any(line.startswith('flags') and ' avx512_bf16' in line for line in f)
+    except OSError:
+        return False
+
+
+def fixture_name(cpu_capability: str, bf16: bool = False) -> str:
+    """One recording per CPU kernel family: CPU kernels round differently on AVX2, AVX-512
+    and AVX-512 with native bf16, so bit-identity holds only against a recording made on the
+    same family."""
+    if cpu_capability == 'AVX512':
+        return 'reference_tiny_avx512_bf16.pt' if bf16 else 'reference_tiny.pt'
+    return f'reference_tiny_{cpu_capability.lower()}.pt'
 
 
 def main() -> None:
@@ -66,6 +78,7 @@ def main() -> None:
     torch.set_num_threads(1)
     out = {'cases': {}, 'torch': str(torch.__version__),
            'cpu_capability': torch.backends.cpu.get_cpu_capability(),
+           'native_bf16': native_bf16(),
            'commit': subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True,
                                     text=True, cwd=HERE).stdout.strip()}
     for name in CASES:
@@ -73,7 +86,7 @@ def main() -> None:
         out['cases'][name] = {'x0': x0, 'video_sha256': video_digest(video),
                               'video_shape': tuple(video.shape)}
         print(name, tuple(video.shape), out['cases'][name]['video_sha256'][:16])
-    torch.save(out, os.path.join(HERE, fixture_name(out['cpu_capability'])))
+    torch.save(out, os.path.join(HERE, fixture_name(out['cpu_capability'], out['native_bf16'])))
 
 
 if __name__ == '__main__':
