@@ -21,20 +21,32 @@ import record_reference_fixture as fixture  # noqa: E402
 
 @pytest.fixture(scope='module')
 def recorded():
+    """The recordings of this machine's CPU kernel family: the one its CPU flags name first,
+    then any other recording made on a CPU of the same capability (the flags are a heuristic
+    for which kernels oneDNN picks; bit-identity with one recording is what counts)."""
     cap = torch.backends.cpu.get_cpu_capability()
-    path = os.path.join(HERE, 'data', fixture.fixture_name(cap, fixture.native_bf16()))
-    if not os.path.exists(path):
+    data = os.path.join(HERE, 'data')
+    first = fixture.fixture_name(cap, fixture.native_bf16())
+    others = sorted({fixture.fixture_name(cap, bf16) for bf16 in (False, True)} - {first})
+    found = [torch.load(os.path.join(data, n), weights_only=True)
+             for n in [first, *others] if os.path.exists(os.path.join(data, n))]
+    if not found:
         pytest.skip(f'no reference recording for CPU kernel family {cap} (bit-identity is per '
                     f'family): record one with tests/data/record_reference_fixture.py at the '
                     f'pre-refactor commit')
-    return torch.load(path, weights_only=True)
+    return found
 
 
 @pytest.mark.parametrize('name', list(fixture.CASES))
 def test_reference_path_is_bit_identical_to_recording(recorded, one_thread, name):
-    want = recorded['cases'][name]
     x0, video = fixture.run_case(name)
+    digest = fixture.video_digest(video)
+    for rec in recorded:
+        want = rec['cases'][name]
+        if torch.equal(x0, want['x0']) and digest == want['video_sha256']:
+            return
+    want = recorded[0]['cases'][name]
     assert tuple(video.shape) == tuple(want['video_shape'])
     diff = (x0.double() - want['x0'].double()).abs().max().item()
     assert torch.equal(x0, want['x0']), f'final latent changed (max abs diff {diff:.3e})'
-    assert fixture.video_digest(video) == want['video_sha256'], 'decoded video changed'
+    assert digest == want['video_sha256'], 'decoded video changed'
