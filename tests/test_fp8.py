@@ -310,3 +310,118 @@ def test_quantize_pass_in_the_optimized_pipeline(tiny_cfg, tiny_pipe):
     assert 0 < err < 0.1, err
     with pytest.raises(ValueError, match='unknown fp8 quantize part'):
         OptimizationConfig(quantize='ffn,mlp')
+
+
+# ----------------------------------------------------------------------------- quantize at load
+def _fp8_state(model):
+    return {n: t for n, t in model.state_dict().items()}
+
+
+def _assert_same_state(a, b):
+    sa, sb = _fp8_state(a), _fp8_state(b)
+    assert sa.keys() == sb.keys()
+    for n in sa:
+        assert sa[n].dtype == sb[n].dtype, n
+        assert torch.equal(sa[n].view(torch.uint8) if sa[n].dtype == FP8_DTYPE else sa[n],
+                           sb[n].view(torch.uint8) if sb[n].dtype == FP8_DTYPE else sb[n]), n
+
+
+def _load_hooks(parts, rule, runner_box=None):
+    """before_load + transform as WanT2VOptimized.load_expert composes them: swap on meta,
+    cast to the stored dtypes, (a streaming runner of the fp8 layout), quantize as loaded."""
+    from wan.modules.fp8 import fp8_weight_names, quantize_transform
+    from wan.utils.block_streaming import StreamingBlockRunner
+    names = []
+
+    def before_load(model):
+        swap_linears_(model, parts)
+        names.extend(fp8_weight_names(model))
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            t.data = t.data.to(rule(name, t))
+        if runner_box is not None:
+            runner_box['runner'] = StreamingBlockRunner(model.blocks, 'cpu')
+    return before_load, lambda stream: quantize_transform(names, 'cpu', rule)(stream)
+
+
+@pytest.mark.parametrize('mode', ['matmul', 'all'])
+def test_quantize_while_loading_equals_swapping_after(tmp_path, one_thread, mode):
+    """Random weights and a real-format checkpoint: fp8 linears quantized as the tensors
+    stream in hold exactly the bytes of the same model loaded in bf16 and swapped after, and
+    the scales stay fp32 under every dtype policy ('all' is --convert_model_dtype's)."""
+    from wan.utils.dtype_policy import dtype_rule
+    rule = dtype_rule(WanModel, mode, torch.bfloat16)
+    after = WanModel.from_random(seed=3, dtype_rule=rule, **TINY)
+    swap_linears_(after, ['all'])
+    before_load, transform = _load_hooks(['all'], rule)
+    loading = WanModel.from_random(seed=3, dtype_rule=rule, before_load=before_load,
+                                   transform=transform, **TINY)
+    _assert_same_state(loading, after)
+    assert loading.blocks[0].ffn[0].weight_scale.dtype == torch.float32
+    assert loading.blocks[0].ffn[0].bias.dtype == torch.bfloat16
+    if mode == 'matmul':  # (a model stored all-bf16 runs inside the pipeline, tested there)
+        assert torch.equal(_forward(loading), _forward(after))
+
+    WanModel.from_random(seed=3, **TINY).save_pretrained(str(tmp_path))
+    after = WanModel.from_pretrained(str(tmp_path), dtype_rule=rule)
+    swap_linears_(after, ['all'])
+    before_load, transform = _load_hooks(['all'], rule)
+    loading = WanModel.from_pretrained(str(tmp_path), dtype_rule=rule,
+                                       before_load=before_load, transform=transform)
+    _assert_same_state(loading, after)
+
+
+def test_fp8_expert_streams_bit_for_bit(tmp_path, one_thread):
+    """An fp8 expert loaded straight into the streaming host buffer (half the bytes of a
+    bf16 block) computes exactly what the resident fp8 expert computes."""
+    from wan.utils.block_streaming import BlockLayout, make_place
+    from wan.utils.dtype_policy import dtype_rule
+    rule = dtype_rule(WanModel, 'matmul', torch.bfloat16)
+    WanModel.from_random(seed=4, **TINY).save_pretrained(str(tmp_path))
+    resident = WanModel.from_pretrained(str(tmp_path), dtype_rule=rule)
+    bf16_block = BlockLayout(resident.blocks[0]).nbytes
+    swap_linears_(resident, ['all'])
+    box = {}
+    before_load, transform = _load_hooks(['all'], rule, box)
+    streamed = WanModel.from_pretrained(
+        str(tmp_path), dtype_rule=rule, before_load=before_load, transform=transform,
+        place=lambda name, t: make_place(box['runner'], 'cpu')(name, t))
+    runner = box['runner']
+    streamed.block_runner = runner
+    assert runner.bytes_per_block < 0.7 * bf16_block
+    host = runner.host
+    for p in streamed.blocks.parameters():
+        assert host.data_ptr() <= p.data_ptr() < host.data_ptr() + host.numel()
+    assert torch.equal(_forward(streamed), _forward(resident))
+
+
+def test_optimized_pipeline_quantizes_while_loading(tiny_cfg, one_thread):
+    """WanT2VOptimized(--quantize all) builds fp8 experts whose bytes equal quantizing its
+    bf16 experts after loading; the planner sees fp8 sizes; --convert_model_dtype composes."""
+    from dataclasses import replace
+
+    from wan.modules.fp8 import linears_to_swap
+    from wan.optimizations import OptimizationConfig
+    from wan.text2video_optimized import WanT2VOptimized
+    base = replace(OptimizationConfig.conservative(), bf16_weights=True)
+    plain = WanT2VOptimized(tiny_cfg, None, random_init=True, device='cpu', optimizations=base)
+    fp8 = WanT2VOptimized(tiny_cfg, None, random_init=True, device='cpu',
+                          optimizations=replace(base, quantize='all'))
+    for a, b in zip(plain.experts(), fp8.experts()):
+        assert linears_to_swap(a, ['all']) > 0 and linears_to_swap(b, ['all']) == 0
+        swap_linears_(a, ['all'])
+        _assert_same_state(b, a)
+
+    def nbytes(model):
+        return sum(t.numel() * t.element_size() for t in [*model.parameters(),
+                                                            *model.buffers()])
+    assert nbytes(fp8._meta_expert()) == nbytes(fp8.high_noise_model)
+    assert nbytes(fp8._meta_expert().blocks) < 0.75 * nbytes(plain._meta_expert().blocks)
+    conv = WanT2VOptimized(tiny_cfg, None, random_init=True, device='cpu',
+                           convert_model_dtype=True, optimizations=replace(base, quantize='ffn'))
+    assert conv.high_noise_model.blocks[0].ffn[0].weight_scale.dtype == torch.float32
+    video = conv.generate('a cat', size=(128, 64), frame_num=5, shift=12.0, sampling_steps=2,
+                          guide_scale=(3.0, 4.0), seed=4)
+    assert torch.isfinite(video).all()
+    with pytest.raises(ValueError, match='--dit_fsdp'):
+        WanT2VOptimized(tiny_cfg, None, random_init=True, device='cpu', dit_fsdp=True,
+                        optimizations=replace(base, quantize='ffn'))

@@ -186,19 +186,23 @@ def quantize_parts(quantize: str) -> Tuple[str, ...]:
 
 def pass_module_swaps(pipe: 'WanT2V', config: OptimizationConfig) -> None:
     """Module replacements: the block linears --quantize names become fp8 linears (lossy,
-    opt-in; wan/modules/fp8.py), quantized per output channel from the loaded weights."""
+    opt-in; wan/modules/fp8.py), quantized per output channel from the loaded weights. A
+    fresh WanT2VOptimized quantizes them while loading (so this pass finds nothing left);
+    an adopted pipeline's resident experts are swapped here."""
     parts = quantize_parts(config.quantize)
     if not parts:
         return
-    from .modules.fp8 import swap_linears_
+    from .modules.fp8 import linears_to_swap, swap_linears_
     for name, model in zip(('low_noise', 'high_noise'), pipe.experts()):
         if is_fsdp(model):
             raise ValueError('--quantize is not supported with FSDP-sharded experts '
                              '(--dit_fsdp)')
+        if not linears_to_swap(model, parts):
+            continue
         if name in getattr(pipe, '_streaming', {}):
-            raise ValueError(f'--quantize: the {name} expert streams from host memory, '
-                             'which fp8 linears do not support yet; give the GPU more '
-                             'room (--gpu_memory_gib) or drop --quantize')
+            raise ValueError(f'--quantize: the {name} expert already streams its bf16 blocks '
+                             'from host memory; build the pipeline with --quantize (the '
+                             'weights are then quantized while they load) or drop it')
         count = swap_linears_(model, parts)
         logging.info('%s expert: %d block linears in fp8 (%s)', name, count, ', '.join(parts))
 

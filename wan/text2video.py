@@ -22,7 +22,7 @@ from .distributed.util import agree_on_seed
 from .modules.model import ForwardOptions, WanModel
 from .modules.t5 import T5EncoderModel
 from .modules.vae2_1 import Wan2_1_VAE
-from .utils.checkpoint import check_checkpoint_dir, module_tensor_shapes
+from .utils.checkpoint import chain, check_checkpoint_dir, module_tensor_shapes
 from .utils.dtype_policy import dtype_rule
 from .utils.fm_solvers import (FlowDPMSolverMultistepScheduler, get_sampling_sigmas,
                                retrieve_timesteps)
@@ -300,29 +300,32 @@ class WanT2V:
         return layout
 
     def load_expert(self, name: str, seed: int, *, device: Union[str, torch.device],
-                    dtype_rule, before_load=None, place=None) -> WanModel:
+                    dtype_rule, before_load=None, place=None, transform=None) -> WanModel:
         """One expert ('high_noise' or 'low_noise'), from this pipeline's checkpoint layout or
         random weights, each tensor in its `dtype_rule` dtype, on `device` (or where `place`
         puts it), its LoRAs merged (as the tensors stream in: in the file's dtype, then
-        cast)."""
+        cast); `transform` (a loader stream transform, e.g. fp8 quantization) runs on the
+        merged weights."""
         loras = self._loras[name]
+        merge = None
+        if loras and (transform is not None or not self.random_init):
+            shapes = module_tensor_shapes(build_on_meta(lambda: WanModel(**self._dit_kwargs())))
+            merge = lora_merge_transform(loras, shapes)
         if self.random_init:
             logging.info('Creating WanModel %s with random weights (seed %d)', name, seed)
             model = WanModel.from_random(seed=seed, device=device, dtype_rule=dtype_rule,
                                          before_load=before_load, place=place,
+                                         transform=chain(merge, transform),
                                          **self._dit_kwargs())
-            if loras:
+            if loras and merge is None:
                 merge_loras_(model, loras)
             return model
         source = getattr(self.layout, f'{name}_model')
         logging.info('Creating WanModel %s from %s', name, source.describe())
-        merge = None
-        if loras:
-            shapes = module_tensor_shapes(build_on_meta(lambda: WanModel(**self._dit_kwargs())))
-            merge = lora_merge_transform(loras, shapes)
         return WanModel.from_source(source, self._dit_kwargs(), device=device,
-                                    dtype_rule=dtype_rule, transform=merge, place=place,
-                                    before_load=before_load, fp8_dtype=self.param_dtype)
+                                    dtype_rule=dtype_rule, transform=chain(merge, transform),
+                                    place=place, before_load=before_load,
+                                    fp8_dtype=self.param_dtype)
 
     def _build_expert(self, subfolder, checkpoint_dir, seed, use_sp, dit_fsdp, shard_fn,
                       convert_model_dtype) -> torch.nn.Module:

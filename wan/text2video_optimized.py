@@ -42,10 +42,12 @@ import torch.nn as nn
 from .modules.attention import attention, available_backends
 from .modules.model import WanModel
 from .optimizations import (COMPILE_MODES, OptimizationConfig, apply_passes, backend_flags,
-                            is_fsdp, weight_dtype_mode)
+                            is_fsdp, quantize_parts, weight_dtype_mode)
 from .text2video import WanT2V
+from .modules.fp8 import fp8_weight_names, quantize_transform, swap_linears_
 from .utils.block_streaming import (SlotPair, StreamingBlockRunner, make_place,
                                     stream_blocks, unstream_blocks)
+from .utils.checkpoint import chain
 from .utils.dtype_policy import dtype_rule
 from .utils.memory_plan import (STREAMED, MemoryPlan, ModelSizes, cpu_plan, log_plan,
                                 plan_memory, vae_decode_bytes)
@@ -106,6 +108,9 @@ class WanT2VOptimized(WanT2V):
         self.opt = optimizations or OptimizationConfig(compile=enable_compile,
                                                        compile_mode=compile_mode,
                                                        tf32=enable_tf32, attention=attention)
+        if dit_fsdp and quantize_parts(self.opt.quantize):
+            raise ValueError('--quantize is not supported with FSDP-sharded experts '
+                             '(--dit_fsdp): drop one of them')
         self.gpu_memory_gib = gpu_memory_gib
         self._plan_size = plan_size or ((1280, 720), 81)
         self._load_plan: Optional[MemoryPlan] = None
@@ -189,9 +194,44 @@ class WanT2VOptimized(WanT2V):
                             getattr(self, 'high_noise_model', None)) if m is not None]
 
     def _meta_expert(self) -> WanModel:
-        """An expert built on the meta device with the dtypes it will be stored in."""
+        """An expert built on the meta device with the dtypes it will be stored in (its
+        --quantize linears in fp8)."""
         model = build_on_meta(lambda: WanModel(**self._dit_kwargs()))
+        self._swap_meta_linears(model)
         _cast_meta_(model, dtype_rule(WanModel, self.expert_dtype_mode(), self.param_dtype))
+        return model
+
+    def _swap_meta_linears(self, model: WanModel) -> None:
+        """The --quantize linears of a meta expert become empty fp8 linears."""
+        parts = quantize_parts(self.opt.quantize)
+        if parts:
+            swap_linears_(model, parts)
+
+    def load_expert(self, name: str, seed: int, *, device, dtype_rule, before_load=None,
+                    place=None, transform=None) -> WanModel:
+        """As WanT2V.load_expert; with --quantize the chosen linears are fp8 before any
+        weight arrives and their weights are quantized as they stream in, on the compute
+        device (`quantize_transform`): the expert never exists in bf16 where it is placed,
+        and the values are those of quantizing the loaded bf16 linears."""
+        if not quantize_parts(self.opt.quantize):
+            return super().load_expert(name, seed, device=device, dtype_rule=dtype_rule,
+                                       before_load=before_load, place=place,
+                                       transform=transform)
+        names: List[str] = []
+
+        def before(model: WanModel) -> None:
+            self._swap_meta_linears(model)
+            names.extend(fp8_weight_names(model))
+            if before_load is not None:
+                before_load(model)
+
+        def quantize(stream):
+            return quantize_transform(names, self.device, dtype_rule)(stream)
+        model = super().load_expert(name, seed, device=device, dtype_rule=dtype_rule,
+                                    before_load=before, place=place,
+                                    transform=chain(transform, quantize))
+        logging.info('%s expert: %d block linears quantized to fp8 while loading (%s)', name,
+                     len(names), ', '.join(quantize_parts(self.opt.quantize)))
         return model
 
     def step_split(self, sample_solver: str, sampling_steps: int, shift: float

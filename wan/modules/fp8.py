@@ -10,7 +10,9 @@ bottom:
    runs `torch._scaled_mm` with row-wise scales and a bf16 output. The input quantization is
    plain torch ops, so that torch.compile fuses it into the kernel that produces the input
    (the norm/modulation, or the GELU) instead of paying extra passes over the activations.
-3. `swap_linears_` and `QUANTIZE_PARTS`: which block linears become Fp8Linear.
+3. `swap_linears_` and `QUANTIZE_PARTS`: which block linears become Fp8Linear;
+   `quantize_transform`: the same quantization applied while the weights load (a loader
+   stream transform), so that an fp8 expert never exists in bf16 where it is placed.
 4. `fp8_attention`: FlashAttention-3's fp8 path with per-(batch, head) descales and
    mean-centred keys; `fp8_attention_reference` emulates its quantization on any device.
 5. `Fp8Schedule`: keep the first and/or last denoising steps in bf16.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass
-from typing import Collection, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Collection, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -35,7 +37,8 @@ import torch.nn as nn
 _attention = importlib.import_module('.attention', __package__)
 
 __all__ = ['FP8_DTYPE', 'FP8_MAX', 'quantize_rowwise', 'dequantize', 'Fp8Linear',
-           'QUANTIZE_PARTS', 'expand_parts', 'swap_linears_', 'fp8_linear_supported',
+           'QUANTIZE_PARTS', 'expand_parts', 'swap_linears_', 'linears_to_swap',
+           'fp8_weight_names', 'quantize_transform', 'fp8_linear_supported',
            'smooth_keys', 'quantize_attention_inputs', 'fp8_attention',
            'fp8_attention_reference', 'fp8_attention_available', 'Fp8Schedule']
 
@@ -194,17 +197,10 @@ def expand_parts(parts: Union[str, Collection[str]]) -> Tuple[str, ...]:
     return tuple(p for p in _PART_LINEARS if p in chosen)
 
 
-def swap_linears_(model: nn.Module, parts: Union[str, Collection[str]]) -> int:
-    """Replace the chosen linears of every WanAttentionBlock in `model` by Fp8Linear, in place.
-
-    Only block linears can be chosen: the fp32 islands (time embedding and projection, head,
-    norms, modulation) and the patch/text embeddings are never touched. Linears that are
-    already Fp8Linear are left as they are. Returns the number of linears replaced now.
-    Call it on the plain model (before FSDP wrapping or torch.compile).
-    """
+def _chosen_linears(model: nn.Module, parts: Union[str, Collection[str]]):
+    """(block-relative name, parent module, attribute, module) of each chosen block linear."""
     from .model import WanAttentionBlock  # model.py imports attention, not this module
     names = [n for p in expand_parts(parts) for n in _PART_LINEARS[p]]
-    replaced = 0
     for block in model.modules():
         if not isinstance(block, WanAttentionBlock):
             continue
@@ -212,13 +208,76 @@ def swap_linears_(model: nn.Module, parts: Union[str, Collection[str]]) -> int:
             parent_name, _, child = name.rpartition('.')
             parent = block.get_submodule(parent_name)
             linear = getattr(parent, child)
-            if isinstance(linear, nn.Linear):
-                setattr(parent, child, Fp8Linear.from_linear(linear))
-                replaced += 1
-            elif not isinstance(linear, Fp8Linear):
+            if not isinstance(linear, (nn.Linear, Fp8Linear)):
                 raise TypeError(f'{name} is a {type(linear).__name__}, expected nn.Linear')
+            yield name, parent, child, linear
+
+
+def swap_linears_(model: nn.Module, parts: Union[str, Collection[str]]) -> int:
+    """Replace the chosen linears of every WanAttentionBlock in `model` by Fp8Linear, in place.
+
+    Only block linears can be chosen: the fp32 islands (time embedding and projection, head,
+    norms, modulation) and the patch/text embeddings are never touched. Linears that are
+    already Fp8Linear are left as they are. A linear on the meta device becomes an empty
+    Fp8Linear on meta (for a model about to load its weights through `quantize_transform`).
+    Returns the number of linears replaced now. Call it on the plain model (before FSDP
+    wrapping or torch.compile).
+    """
+    replaced = 0
+    for _, parent, child, linear in list(_chosen_linears(model, parts)):
+        if isinstance(linear, Fp8Linear):
+            continue
+        if linear.weight.is_meta:
+            new = Fp8Linear(linear.in_features, linear.out_features,
+                            bias=linear.bias is not None, device='meta')
+        else:
+            new = Fp8Linear.from_linear(linear)
+        setattr(parent, child, new)
+        replaced += 1
     logging.info('fp8 linears: %d replaced (%s)', replaced, ', '.join(expand_parts(parts)))
     return replaced
+
+
+def linears_to_swap(model: nn.Module, parts: Union[str, Collection[str]]) -> int:
+    """How many of the chosen block linears are still nn.Linear (0: all are fp8 already)."""
+    return sum(isinstance(m, nn.Linear) for *_, m in _chosen_linears(model, parts))
+
+
+def fp8_weight_names(model: nn.Module) -> Tuple[str, ...]:
+    """The state-dict names of the weights of `model`'s Fp8Linear modules."""
+    return tuple(f'{name}.weight' for name, m in model.named_modules()
+                 if isinstance(m, Fp8Linear))
+
+
+def quantize_transform(weight_names: Collection[str], device: Union[torch.device, str],
+                       dtype_rule: Callable[[str, torch.Tensor], torch.dtype]
+                       ) -> Callable[[Iterator[Tuple[str, torch.Tensor]]],
+                                     Iterator[Tuple[str, torch.Tensor]]]:
+    """A loader stream transform: each weight named in `weight_names` (an Fp8Linear's, in
+    model naming) is cast to the dtype `dtype_rule` gives it, moved to `device` and
+    quantized there per output channel, exactly as `Fp8Linear.from_linear` quantizes a
+    loaded linear; it is replaced in the stream by its e4m3 weight and its fp32
+    `<layer>.weight_scale` (out, 1), and the layer's bias is cast to bf16. Other tensors
+    pass through. So the bf16 copy of a quantized weight exists only on `device`, one
+    tensor at a time."""
+    names = frozenset(weight_names)
+    biases = frozenset(n[:-len('weight')] + 'bias' for n in names)
+
+    def transform(stream: Iterator[Tuple[str, torch.Tensor]]
+                  ) -> Iterator[Tuple[str, torch.Tensor]]:
+        for name, tensor in stream:
+            if name in names:
+                w = tensor.to(device=device, dtype=dtype_rule(name, tensor))
+                q, scale = quantize_rowwise(w)
+                del w
+                yield name, q
+                yield name[:-len('weight')] + 'weight_scale', \
+                    scale.to(torch.float32).reshape(-1, 1).contiguous()
+            elif name in biases:
+                yield name, tensor.to(torch.bfloat16)
+            else:
+                yield name, tensor
+    return transform
 
 
 # ----------------------------------------------------------------------------- attention

@@ -35,7 +35,7 @@ import torch.nn as nn
 from ..utils.checkpoint import (DtypeRule, Place, Rename, Transform, chain, iter_safetensors,
                                 load_tensors_, require_file, save_sharded_safetensors,
                                 safetensors_files)
-from ..utils.random_init import build_on_meta, init_random_weights_
+from ..utils.random_init import build_on_meta, init_random_weights_, random_tensors
 from .attention import attention
 
 __all__ = ['WanModel', 'sinusoidal_embedding_1d', 'rope_params', 'rope_apply',
@@ -717,11 +717,14 @@ class WanModel(nn.Module):
                     dtype: Optional[torch.dtype] = None, *,
                     dtype_rule: Optional[DtypeRule] = None, place: Optional[Place] = None,
                     before_load: Optional[Callable[['WanModel'], None]] = None,
+                    transform: Optional[Transform] = None,
                     **kwargs) -> 'WanModel':
         """Deterministic random weights, drawn directly on `device` (no host copy), each
         tensor in `dtype` or in the dtype `dtype_rule` gives it, then put where `place` says
         (default: stays on `device`); `before_load` edits the meta model first, as in
-        from_pretrained.
+        from_pretrained. With `transform` the weights are drawn for the model as built and
+        streamed through it as a checkpoint's would be (e.g. quantized to fp8 for linears
+        that `before_load` swapped), so the same seed gives the same weights either way.
 
         The projections that write into the residual stream (attention outputs and the
         second FFN linear) are scaled by 1/sqrt(2 * num_layers), as in GPT-2-style inits, so
@@ -730,6 +733,8 @@ class WanModel(nn.Module):
         random weights should reflect rounding, not a chaotic random map.
         """
         model = build_on_meta(lambda: cls(**kwargs))
+        # the weights are drawn for the model as built, before `before_load` edits it
+        drawn = build_on_meta(lambda: cls(**kwargs)) if transform is not None else model
         if before_load is not None:
             before_load(model)
         scale = 1.0 / math.sqrt(2 * model.num_layers)
@@ -739,8 +744,14 @@ class WanModel(nn.Module):
             if name.startswith('blocks.') and name.endswith(residual_writers):
                 t.mul_(scale)
 
-        init_random_weights_(model, seed, device, dtype, dtype_rule=dtype_rule, place=place,
-                             after_fill=after_fill)
+        if transform is None:
+            init_random_weights_(model, seed, device, dtype, dtype_rule=dtype_rule, place=place,
+                                 after_fill=after_fill)
+        else:
+            load_tensors_(model, random_tensors(drawn, seed, device, dtype, dtype_rule,
+                                                after_fill),
+                          source='random weights', device=device, dtype=dtype_rule or dtype,
+                          transform=transform, place=place)
         model.freqs = model.freqs.to(device)
         return model.eval().requires_grad_(False)
 

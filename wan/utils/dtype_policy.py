@@ -45,6 +45,9 @@ def dtype_rule(model: nn.Module | type, mode: str,
         if not tensor.is_floating_point() or mode == 'checkpoint' or \
                 tensor.dtype in FP8_DTYPES:
             return tensor.dtype
+        # an fp8 weight's scale is part of its format: fp32 in every mode
+        if name.rpartition('.')[2] == 'weight_scale':
+            return torch.float32
         if mode == 'all':
             return compute_dtype
         return tensor.dtype if keeps_fp32(model, name) else compute_dtype

@@ -8,12 +8,12 @@ activations to stay finite and the video to be non-trivial; speed does not depen
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ['init_random_weights_', 'build_on_meta']
+__all__ = ['init_random_weights_', 'random_tensors', 'build_on_meta']
 
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
@@ -31,15 +31,27 @@ def init_random_weights_(module: nn.Module, seed: int, device: torch.device | st
                                                   torch.Tensor]] = None,
                          after_fill: Optional[Callable[[str, torch.Tensor],
                                                        None]] = None) -> nn.Module:
-    """Materialise `module` on `device` (from meta if needed) and fill it deterministically.
+    """Materialise `module` on `device` (from meta if needed) and fill it deterministically:
+    each tensor of `random_tensors(module, ...)` handed to `place(name, tensor)` when given
+    (which returns where it lives, e.g. page-locked host memory), so at most one tensor
+    beyond the placed ones exists on `device` at a time."""
+    for name, t in random_tensors(module, seed, device, dtype, dtype_rule, after_fill):
+        _replace(module, name, place(name, t) if place is not None else t)
+    return module
 
-    Tensor by tensor, in state-dict order: each is created directly in its final dtype
-    (`dtype` for every floating tensor, or `dtype_rule(name, tensor)` per tensor, see
-    wan/utils/dtype_policy.py; else as built), filled on `device`, then handed to
-    `place(name, tensor)` when given (which returns where it lives, e.g. page-locked host
-    memory), so at most one tensor beyond the placed ones exists on `device` at a time.
-    `after_fill(name, tensor)` may edit a tensor in place once it is filled (before it is
-    placed).
+
+@torch.no_grad()
+def random_tensors(module: nn.Module, seed: int, device: torch.device | str = 'cpu',
+                   dtype: Optional[torch.dtype] = None,
+                   dtype_rule: Optional[Callable[[str, torch.Tensor], torch.dtype]] = None,
+                   after_fill: Optional[Callable[[str, torch.Tensor], None]] = None
+                   ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The deterministic random weights of `module` as a stream of (name, tensor), in
+    state-dict order (the shapes are read from `module`, which may be on meta and is not
+    changed): each tensor is created directly in its final dtype (`dtype` for every floating
+    tensor, or `dtype_rule(name, tensor)` per tensor, see wan/utils/dtype_policy.py; else as
+    built) and filled on `device`. `after_fill(name, tensor)` may edit a tensor in place once
+    it is filled.
     Rules by name: norm scales ('norm', 'gamma') are ones; 'modulation' tables are
     randn/sqrt(dim); other tensors with >= 2 dims are normal(0, 1/sqrt(fan_in)); 1-D biases
     are normal(0, 0.02). Values are drawn in fp32 in state-dict order, so the same seed and
@@ -68,8 +80,7 @@ def init_random_weights_(module: nn.Module, seed: int, device: torch.device | st
                 _normal_(t, 0.02, gen)
             if after_fill is not None:
                 after_fill(name, t)
-        _replace(module, name, place(name, t) if place is not None else t)
-    return module
+        yield name, t
 
 
 def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
