@@ -31,6 +31,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATE = os.path.join(REPO_ROOT, 'generate.py')
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')
 RTOL = 1e-5
+# fp8 linears output bf16, so a different GEMM split may round an output element differently
+# (measured: 2e-7); fp8 itself moves the tiny model's output by ~7e-3
+FP8_RTOL = 1e-4
 
 TINY_DIT = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32)
 # latent shapes: 2*2*2 = 8 tokens (no padding on 2 ranks); 3*1*3 = 9 tokens (seq_len 10)
@@ -112,6 +115,21 @@ def no_error(results):
 def tiny_model(seed=0, **kw):
     from wan.modules.model import WanModel
     return WanModel.from_random(seed=seed, **{**TINY_DIT, **kw})
+
+
+def fp8_tiny_model(seed=0, quantize=True):
+    """The tiny DiT with bf16 matmul weights and attention, every block linear in fp8
+    (--quantize all) unless quantize=False."""
+    from wan.modules.fp8 import swap_linears_
+    from wan.modules.model import ForwardOptions
+    from wan.utils.dtype_policy import apply_dtype_policy_
+    model = tiny_model(seed)
+    if quantize:
+        swap_linears_(model, 'all')
+    apply_dtype_policy_(model, 'matmul', torch.bfloat16)
+    model.set_options(ForwardOptions(attn_dtype=torch.bfloat16, fast_rope=True,
+                                     per_sample_time=True))
+    return model
 
 
 def fp32_options(fast_rope=False, per_sample=False):
@@ -203,6 +221,19 @@ def _w_forward(rank, world):
         apply_sequence_parallel(model)
         fsdp = shard_model(model, device_id=torch.device('cpu'), param_dtype=torch.float32)
         out['fsdp_sp'] = fsdp(xs, t, ctx, sp_seq_len(SHAPES['odd'], world))
+
+        # 5. fp8 block linears (--quantize all) under Ulysses and under CFG parallelism,
+        # under bf16 autocast as the pipeline runs them
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            model = fp8_tiny_model()
+            apply_sequence_parallel(model)
+            xs, ctx, t = make_inputs(SHAPES['odd'])
+            out['fp8_sp'] = model(xs, t, ctx, sp_seq_len(SHAPES['odd'], world))
+            _, cfg_group, _ = make_groups(world, 1, True)
+            model = fp8_tiny_model()
+            xs, ctx, t = make_inputs(SHAPES['odd'], batch=2)
+            out['fp8_cfg'] = cfg_parallel_predict(model, xs[0], t[0], ctx[0], ctx[1],
+                                                  tokens(SHAPES['odd']), 3.5, cfg_group)
 
     # 4. heads not divisible by the SP size: a clear error on every rank
     try:
@@ -383,6 +414,28 @@ def test_cfg_parallel_matches_sequential(forward_results):
     assert torch.equal(a['cfg'], b['cfg'])  # every rank gets the same prediction
     assert rel(a['cfg'], ref) <= RTOL
     assert rel(a['cfg'], ref_batched) <= RTOL
+
+
+def test_fp8_linears_compose_with_ulysses_and_cfg_parallel(forward_results):
+    """fp8 linears quantize per token, so a sequence shard or a CFG half quantizes each
+    token as the full single-process pass does: Ulysses and CFG parallelism give the
+    single-process fp8 result (up to the bf16 rounding of the fp8 GEMM outputs), which is
+    itself measurably away from the unquantized model's."""
+    shape = SHAPES['odd']
+    n = tokens(shape)
+    xs, ctx, t = make_inputs(shape)
+    xs2, ctx2, t2 = make_inputs(shape, batch=2)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        ref = fp8_tiny_model()(xs, t, ctx, n)[0]
+        exact = fp8_tiny_model(quantize=False)(xs, t, ctx, n)[0]
+        model = fp8_tiny_model()
+        cond = model([xs2[0]], t2[:1], [ctx2[0]], n)[0]
+        uncond = model([xs2[0]], t2[:1], [ctx2[1]], n)[0]
+    ref_cfg = uncond + 3.5 * (cond - uncond)
+    assert rel(ref, exact) > 1e-3  # fp8 is in effect
+    for res in forward_results:
+        assert rel(res['fp8_sp'][0], ref) <= FP8_RTOL, rel(res['fp8_sp'][0], ref)
+        assert rel(res['fp8_cfg'], ref_cfg) <= FP8_RTOL, rel(res['fp8_cfg'], ref_cfg)
 
 
 def test_cfg_parallel_with_ulysses_on_4_ranks(tmp_path):
