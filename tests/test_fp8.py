@@ -425,3 +425,57 @@ def test_optimized_pipeline_quantizes_while_loading(tiny_cfg, one_thread):
     with pytest.raises(ValueError, match='--dit_fsdp'):
         WanT2VOptimized(tiny_cfg, None, random_init=True, device='cpu', dit_fsdp=True,
                         optimizations=replace(base, quantize='ffn'))
+
+
+# ----------------------------------------------------------------------------- bf16 steps
+def test_fp8_linear_bf16_compute_is_the_dequantized_linear():
+    """compute_fp8 off: the input unquantized, the weight dequantized to bf16 -- exactly an
+    nn.Linear holding the dequantized weight."""
+    from wan.modules.fp8 import set_fp8_compute_
+    gen = torch.Generator().manual_seed(5)
+    linear = nn.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(3, 7, 64, generator=gen)
+    model = nn.Sequential(Fp8Linear.from_linear(linear))
+    fp8_out = model(x)
+    assert set_fp8_compute_(model, False) == 1
+    plain = nn.Linear(64, 48).to(torch.bfloat16)
+    plain.weight.data = dequantize(model[0].weight, model[0].weight_scale).to(torch.bfloat16)
+    plain.bias.data = linear.bias.data
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x.bfloat16()))
+        assert not torch.equal(model(x), fp8_out)
+    set_fp8_compute_(model, True)
+    assert torch.equal(model(x), fp8_out)
+
+
+def test_fp8_schedule_in_the_pipeline(tiny_cfg, one_thread):
+    """--fp8_first_bf16_steps / --fp8_last_bf16_steps: every step in bf16 is the bf16
+    pipeline on the dequantized fp8 weights, bit for bit; a mixed schedule is neither that
+    nor the all-fp8 run; the toggles need fp8 and non-negative counts."""
+    from dataclasses import replace
+
+    from wan.optimizations import OptimizationConfig
+    from wan.text2video_optimized import WanT2VOptimized
+    base = replace(OptimizationConfig.conservative(), bf16_weights=True)
+    kw = dict(size=(128, 64), frame_num=5, shift=12.0, sampling_steps=3,
+              guide_scale=(3.0, 4.0), seed=4)
+
+    def video(**toggles):
+        pipe = WanT2VOptimized(tiny_cfg, None, random_init=True, device='cpu',
+                               optimizations=replace(base, **toggles))
+        return pipe, pipe.generate('a cat', **kw)
+    _, all_fp8 = video(quantize='ffn')
+    _, all_bf16 = video(quantize='ffn', fp8_first_bf16_steps=3)
+    _, mixed = video(quantize='ffn', fp8_first_bf16_steps=1, fp8_last_bf16_steps=1)
+    dequantized, _ = video()
+    for model in dequantized.experts():
+        for block in model.blocks:
+            for linear in (block.ffn[0], block.ffn[2]):
+                q, scale = quantize_rowwise(linear.weight.data)
+                linear.weight.data = dequantize(q, scale).to(torch.bfloat16)
+    assert torch.equal(all_bf16, dequantized.generate('a cat', **kw))
+    assert not torch.equal(mixed, all_fp8) and not torch.equal(mixed, all_bf16)
+    with pytest.raises(ValueError, match='need --quantize or --attention fa3_fp8'):
+        OptimizationConfig(fp8_first_bf16_steps=2)
+    with pytest.raises(ValueError, match='must be >= 0'):
+        OptimizationConfig(quantize='ffn', fp8_last_bf16_steps=-1)

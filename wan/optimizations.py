@@ -104,6 +104,12 @@ class OptimizationConfig:
         'per-token activation scales (torch._scaled_mm): a comma list of ffn, attn_proj, '
         'cross_attn, all (fp8 = all; none = off, the default). Pair with --attention fa3_fp8 '
         'for fp8 self-attention.', flags=('--quantize',))
+    fp8_first_bf16_steps: int = _toggle(
+        0, 'With --quantize or --attention fa3_fp8: run the first N denoising steps in bf16 '
+        '(bf16 activations and exact attention; the fp8-stored weights dequantized to bf16). '
+        'Default 0.')
+    fp8_last_bf16_steps: int = _toggle(
+        0, 'The same for the last N denoising steps. Default 0.')
 
     def __post_init__(self):
         if self.compile_mode not in COMPILE_MODES:
@@ -113,6 +119,13 @@ class OptimizationConfig:
             raise ValueError(f'ffn_chunk_tokens must be >= 0 (0: no chunking), got '
                              f'{self.ffn_chunk_tokens}')
         quantize_parts(self.quantize)  # ValueError naming the valid parts
+        if self.fp8_first_bf16_steps < 0 or self.fp8_last_bf16_steps < 0:
+            raise ValueError(f'--fp8_first_bf16_steps / --fp8_last_bf16_steps must be >= 0, '
+                             f'got {self.fp8_first_bf16_steps} / {self.fp8_last_bf16_steps}')
+        if (self.fp8_first_bf16_steps or self.fp8_last_bf16_steps) and not (
+                quantize_parts(self.quantize) or self.attention == 'fa3_fp8'):
+            raise ValueError('--fp8_first_bf16_steps / --fp8_last_bf16_steps keep steps of an '
+                             'fp8 run in bf16: they need --quantize or --attention fa3_fp8')
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f'attention must be one of {ATTENTION_CHOICES}, got '
                              f'{self.attention!r}')

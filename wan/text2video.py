@@ -375,6 +375,10 @@ class WanT2V:
             model.to('cpu')
 
     # ------------------------------------------------------------------ hooks
+    def _begin_step(self, index: int, num_steps: int) -> None:
+        """Called before denoising step `index` of `num_steps` (nothing here; the optimized
+        pipeline switches its fp8 schedule)."""
+
     def _prepare_model_for_timestep(self, t, boundary, offload_model):
         """Pick the expert for `t` and, when offloading, swap experts between CPU and GPU."""
         if t.item() >= boundary:
@@ -505,7 +509,9 @@ class WanT2V:
             sample_scheduler, timesteps = self.make_scheduler(
                 sample_solver, sampling_steps, shift, self.device, self.num_train_timesteps)
             latents = noise
-            for t in tqdm(timesteps, desc='denoising', disable=self.rank != 0):
+            for index, t in enumerate(tqdm(timesteps, desc='denoising',
+                                           disable=self.rank != 0)):
+                self._begin_step(index, len(timesteps))
                 expert = 'high' if t.item() >= boundary else 'low'
                 with self.stage('expert_switch', expert=expert, t=t):
                     model = self._prepare_model_for_timestep(t, boundary, offload_model)

@@ -39,12 +39,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .modules.attention import attention, available_backends
+from .modules.attention import attention, available_backends, resolve_backend
+from .modules.fp8 import (Fp8Schedule, fp8_weight_names, quantize_transform, set_fp8_compute_,
+                          swap_linears_)
 from .modules.model import WanModel
 from .optimizations import (COMPILE_MODES, OptimizationConfig, apply_passes, backend_flags,
                             is_fsdp, quantize_parts, weight_dtype_mode)
 from .text2video import WanT2V
-from .modules.fp8 import fp8_weight_names, quantize_transform, swap_linears_
 from .utils.block_streaming import (SlotPair, StreamingBlockRunner, make_place,
                                     stream_blocks, unstream_blocks)
 from .utils.checkpoint import chain
@@ -168,6 +169,14 @@ class WanT2VOptimized(WanT2V):
             # pinned host copy: T5 moves to the GPU at full PCIe bandwidth (~0.5 s, not ~10 s)
             self._t5_offload = PinnedOffload(self.text_encoder.model)
         apply_passes(self, opts)
+        self._fp8_schedule: Optional[Fp8Schedule] = None
+        if opts.fp8_first_bf16_steps or opts.fp8_last_bf16_steps:
+            self._fp8_schedule = Fp8Schedule(opts.fp8_first_bf16_steps,
+                                             opts.fp8_last_bf16_steps)
+            # the exact self-attention kernel of the bf16 steps
+            self._exact_attention = resolve_backend('auto', self.device)
+            logging.info('fp8 schedule: the first %d and last %d steps in bf16',
+                         opts.fp8_first_bf16_steps, opts.fp8_last_bf16_steps)
         ran = dict(opts.as_dict(), compile=self.compiled,
                    vae_channels_last=self.vae.channels_last,
                    tf32=opts.tf32 and on_cuda, vae_cudnn_benchmark=opts.vae_cudnn_benchmark
@@ -429,11 +438,16 @@ class WanT2VOptimized(WanT2V):
         # the T5 dtype under autocast; the compute dtype otherwise (as generate() casts it)
         ctx = torch.zeros(1, self.config.get('text_dim', 4096), device=self.device,
                           dtype=self.config.t5_dtype if self.half_precision else self.param_dtype)
+        # with an fp8 schedule, both kinds of step compile now
+        modes = (False, True) if self._fp8_schedule is not None else (None,)
         with self._autocast():
-            for model, t in ((self.high_noise_model, self.num_train_timesteps - 1),
-                             (self.low_noise_model, 0)):
-                model([lat] * batch, t=torch.full((batch,), t, device=self.device),
-                      context=[ctx] * batch, seq_len=seq_len)
+            for mode in modes:
+                if mode is not None:
+                    self._set_fp8_compute(mode)
+                for model, t in ((self.high_noise_model, self.num_train_timesteps - 1),
+                                 (self.low_noise_model, 0)):
+                    model([lat] * batch, t=torch.full((batch,), t, device=self.device),
+                          context=[ctx] * batch, seq_len=seq_len)
         self._probe_vae(size)
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
@@ -512,6 +526,17 @@ class WanT2VOptimized(WanT2V):
                      {k: round(v, 3) for k, v in times.items()})
 
     # ------------------------------------------------------------------ hooks
+    def _begin_step(self, index: int, num_steps: int) -> None:
+        if self._fp8_schedule is not None:
+            self._set_fp8_compute(self._fp8_schedule.use_fp8(index, num_steps))
+
+    def _set_fp8_compute(self, on: bool) -> None:
+        """fp8 linears and fp8 self-attention on (fp8 steps) or off (bf16 steps)."""
+        for model in self.experts():
+            set_fp8_compute_(model, on)
+            if self.opt.attention == 'fa3_fp8':
+                model.options.attn_backend = 'fa3_fp8' if on else self._exact_attention
+
     def _prepare_model_for_timestep(self, t, boundary, offload_model):
         if self._plan is None or not self.plans_placement:
             return super()._prepare_model_for_timestep(t, boundary, offload_model)

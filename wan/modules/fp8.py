@@ -15,7 +15,7 @@ bottom:
    stream transform), so that an fp8 expert never exists in bf16 where it is placed.
 4. `fp8_attention`: FlashAttention-3's fp8 path with per-(batch, head) descales and
    mean-centred keys; `fp8_attention_reference` emulates its quantization on any device.
-5. `Fp8Schedule`: keep the first and/or last denoising steps in bf16.
+5. `Fp8Schedule`: keep the first and/or last denoising steps in bf16 (`set_fp8_compute_`).
 
 e4m3 has 3 mantissa bits: a rounding error of up to 2^-4 relative per element (about 2.6%
 RMS on Gaussian data). Scales are never taken from a Python number (no .item()), so nothing here breaks a
@@ -30,6 +30,7 @@ from typing import Callable, Collection, Dict, Iterator, Optional, Sequence, Tup
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # The attention module, for its FA3 lookup. Looked up as a module (not `from .attention
 # import ...`: the package re-exports a function named `attention`, and attention.py may import
@@ -38,7 +39,8 @@ _attention = importlib.import_module('.attention', __package__)
 
 __all__ = ['FP8_DTYPE', 'FP8_MAX', 'quantize_rowwise', 'dequantize', 'Fp8Linear',
            'QUANTIZE_PARTS', 'expand_parts', 'swap_linears_', 'linears_to_swap',
-           'fp8_weight_names', 'quantize_transform', 'fp8_linear_supported',
+           'fp8_weight_names', 'quantize_transform', 'set_fp8_compute_',
+           'fp8_linear_supported',
            'smooth_keys', 'quantize_attention_inputs', 'fp8_attention',
            'fp8_attention_reference', 'fp8_attention_available', 'Fp8Schedule']
 
@@ -110,6 +112,9 @@ class Fp8Linear(nn.Module):
                              f'got {in_features} -> {out_features}')
         self.in_features = in_features
         self.out_features = out_features
+        # False: bf16 compute (the input unquantized, the weight dequantized to bf16) for
+        # the steps an Fp8Schedule keeps in bf16 (`set_fp8_compute_`)
+        self.compute_fp8 = True
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=FP8_DTYPE,
                                                device=device), requires_grad=False)
         self.register_buffer('weight_scale', torch.ones(out_features, 1, dtype=torch.float32,
@@ -159,6 +164,9 @@ class Fp8Linear(nn.Module):
         if self.weight.dtype != FP8_DTYPE or self.weight_scale.dtype != torch.float32:
             raise RuntimeError(f'Fp8Linear weight was cast to {self.weight.dtype} (scale '
                                f'{self.weight_scale.dtype}); fp8 modules must not be dtype-cast')
+        if not self.compute_fp8:
+            weight = (self.weight.float() * self.weight_scale).to(torch.bfloat16)
+            return F.linear(x.to(torch.bfloat16), weight, self.bias)
         lead = x.shape[:-1]
         xq, x_scale = quantize_rowwise(x.reshape(-1, self.in_features))
         # _scaled_mm wants A row-major (M, K) and B column-major (K, N): W^T of a row-major
@@ -236,6 +244,17 @@ def swap_linears_(model: nn.Module, parts: Union[str, Collection[str]]) -> int:
         replaced += 1
     logging.info('fp8 linears: %d replaced (%s)', replaced, ', '.join(expand_parts(parts)))
     return replaced
+
+
+def set_fp8_compute_(model: nn.Module, on: bool) -> int:
+    """Switch every Fp8Linear of `model` between fp8 compute (on) and bf16 compute on its
+    dequantized weight (off); returns how many there are."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, Fp8Linear):
+            m.compute_fp8 = on
+            count += 1
+    return count
 
 
 def linears_to_swap(model: nn.Module, parts: Union[str, Collection[str]]) -> int:
@@ -365,7 +384,9 @@ def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
 @dataclass(frozen=True)
 class Fp8Schedule:
     """Which denoising steps use the fp8 modules: all but the first `first_bf16` and the
-    last `last_bf16` steps (some engines keep those in bf16 for layout and fine detail)."""
+    last `last_bf16` steps (some engines keep those in bf16 for layout and fine detail).
+    In the bf16 steps the fp8 linears compute in bf16 on their dequantized weights (the
+    weights are stored in e4m3 only) and self-attention runs on the exact kernel."""
     first_bf16: int = 0
     last_bf16: int = 0
 
