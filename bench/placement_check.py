@@ -55,6 +55,9 @@ def main() -> int:
                                                   '832*480:none', '832*480:16'])
     p.add_argument('--frames', type=int, default=81)
     p.add_argument('--steps', type=int, default=2)
+    p.add_argument('--quantize', default='none',
+                   help='fp8 block linears (lossy; OptimizationConfig.quantize), quantized '
+                        'while the experts load: the placements then hold fp8 experts')
     p.add_argument('--output', default=None)
     args = p.parse_args()
     import logging
@@ -69,12 +72,14 @@ def main() -> int:
     first_size = SIZE_CONFIGS[runs[0][0]]
     t0 = time.perf_counter()
     pipe = WanT2VOptimized(cfg, None, random_init=True, device=dev,
-                           optimizations=OptimizationConfig(),
+                           optimizations=OptimizationConfig(quantize=args.quantize),
                            plan_size=(first_size, args.frames))
     out = {'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__,
            'gpu_total_gib': torch.cuda.get_device_properties(dev).total_memory / GiB,
            'task': 't2v-A14B', 'frames': args.frames, 'steps': args.steps,
-           'weights': 'random, bf16 matmul weights (fp32 islands)',
+           'weights': 'random, bf16 matmul weights (fp32 islands)'
+                      + ('' if args.quantize == 'none' else
+                         f'; fp8 block linears ({args.quantize}) quantized while loading'),
            'build_seconds': time.perf_counter() - t0,
            'command': ' '.join([os.path.basename(sys.executable), *sys.argv]),
            'git_commit': os.environ.get('GIT_COMMIT'), 'runs': []}
