@@ -57,6 +57,9 @@ RUNS = {
     # bench/fp8_pipeline_check.py: fp8 variants of a whole generation vs bf16, one process
     'fp8_480p': 'h200_fp8_pipeline_832x480_9877069.json',
     'fp8_720p': 'h200_fp8_pipeline_1280x720_9877069.json',
+    # bench/placement_check.py --quantize all: fp8 experts (quantized while loading) resident
+    # and streamed under a 16 GiB cap
+    'placement_fp8_480p': 'h200_placement_fp8_832x480_f899ab4.json',
     # bench/fp8_forward_check.py: one expert forward per fp8 variant (relative error)
     'fp8_forward_720p': 'h200_fp8_forward_1280x720_9168104.json',
     # --ablate bf16_weights, one fresh process per configuration, no --convert_model_dtype
@@ -659,6 +662,8 @@ def table_fp8() -> str:
                  f"{d7['exact_attention']}; each variant ran on the same weights, prompt and "
                  'seed, half of the steps per expert. **Random weights**: the errors say how '
                  'far fp8 moves this network, not how a trained Wan2.2 reacts to it.']
+    rows += ['', 'fp8 experts (`--quantize all`, quantized while loading) resident and under a '
+                 '16 GiB cap (both streamed):', '', _placement_rows('placement_fp8_480p')]
     return '\n'.join(rows)
 
 
