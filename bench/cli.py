@@ -87,6 +87,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--peer', default=None, choices=['diffusers'],
                    help="time diffusers' WanTransformer3DModel beside this project's forward "
                         '(same GPU, same process, same shapes; bench/peer.py; needs diffusers)')
+    p.add_argument('--peer_pipeline', action='store_true', default=False,
+                   help="with --peer diffusers: also WanT2VOptimized.generate against "
+                        "diffusers' WanPipeline end to end, --sample_steps steps")
     p.add_argument('--throughput', type=int, default=None, metavar='PROMPTS',
                    help='videos per hour for this many prompts on --nproc GPUs, one torchrun '
                         'per --layouts entry (bench/throughput.py)')
@@ -172,6 +175,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
             if not torch.cuda.is_available():
                 raise RequestError('--peer diffusers compares forwards on a CUDA GPU')
             peer_main(['--sizes', args.size, '--frames', str(args.frame_num)] +
+                      (['--pipeline', '--steps', str(args.sample_steps)]
+                       if args.peer_pipeline else []) +
                       (['--output', args.output] if args.output else []))
             return {'peer': args.peer, 'output_path': args.output}
         if args.throughput is not None:

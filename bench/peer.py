@@ -15,6 +15,14 @@ weights. diffusers' FA3 backend looks for the `flash_attn_interface` module; whe
 `fa3-fwd` wheel provides FA3 (`fa3_fwd_interface`, the same functions), that module is
 registered under the expected name for the run, and the JSON says so. `--tiny` runs small
 widths on the CPU (a smoke test of this script, no measurement).
+
+`--pipeline` adds the second stage, one generation end to end per size with `--steps` steps:
+`WanT2VOptimized.generate` (random weights, T5 included) against diffusers' `WanPipeline`
+built from two `WanTransformer3DModel` experts (compiled as above, its fastest attention), its
+UniPC flow scheduler (the task's shift), a random-weight `AutoencoderKLWan` and prompt
+embeddings passed in (no text encoder: its T5 is not timed). Each side warms up with two steps
+first (compilation), runs alone on the GPU (the other side freed), and reports its per-step
+median, VAE decode, total and peak; the 40-step totals are projected from those stages.
 """
 from __future__ import annotations
 
@@ -33,10 +41,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wan.utils.timing import Timer  # noqa: E402
 
-__all__ = ['diffusers_available', 'peer_forwards', 'main']
+__all__ = ['diffusers_available', 'peer_forwards', 'peer_pipelines', 'main']
 
 GiB = 2**30
 TINY = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2)
+PROMPT = 'a red fox trots through fresh snow at dawn'
 
 
 def diffusers_available() -> bool:
@@ -178,6 +187,154 @@ def peer_forwards(sizes: List[str], frames: int, reps: int, tiny: bool = False,
     return out
 
 
+def _synced(dev: torch.device) -> float:
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
+def _ours_pipeline(size: str, frames: int, steps: int, tiny: bool, dev: torch.device
+                   ) -> Dict[str, Any]:
+    """WanT2VOptimized.generate end to end: T5, steps, decode (stage times observed)."""
+    from bench.instrument import StageRecorder
+    from wan.configs import SIZE_CONFIGS, WAN_CONFIGS
+    from wan.text2video_optimized import OptimizationConfig, WanT2VOptimized
+    cfg = WAN_CONFIGS['t2v-tiny' if tiny else 't2v-A14B']
+    wh = SIZE_CONFIGS[size]
+    pipe = WanT2VOptimized(cfg, None, random_init=True, device=dev,
+                           optimizations=OptimizationConfig(), plan_size=(wh, frames))
+    kw = dict(size=wh, frame_num=frames, shift=cfg.sample_shift,
+              guide_scale=cfg.sample_guide_scale, seed=42, offload_model=False)
+    t0 = _synced(dev)
+    pipe.generate(PROMPT, sampling_steps=2, **kw)  # compile and autotuning
+    warm = _synced(dev) - t0
+    rec = pipe.add_observer(StageRecorder(dev))
+    if dev.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = _synced(dev)
+    pipe.generate(PROMPT + ' ', sampling_steps=steps, **kw)  # a new prompt: T5 runs
+    total = _synced(dev) - t0
+    out = {'warmup_seconds': warm, 'total_seconds': total,
+           'step_seconds': statistics.median(rec.seconds['step']),
+           't5_seconds': sum(rec.seconds['text_encode']),
+           'decode_seconds': sum(rec.seconds['decode']),
+           'peak_gpu_gib': torch.cuda.max_memory_allocated(dev) / GiB
+           if dev.type == 'cuda' else None}
+    del pipe
+    return out
+
+
+def _diffusers_pipeline(size: str, frames: int, steps: int, tiny: bool, dev: torch.device,
+                        backend: Optional[str]) -> Dict[str, Any]:
+    """diffusers' WanPipeline end to end from prompt embeddings: steps, then the VAE decode
+    (run by this function on the latents the pipeline returns, as the pipeline would)."""
+    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline,
+                           WanTransformer3DModel)
+    from wan.configs import SIZE_CONFIGS, WAN_CONFIGS
+    cfg = WAN_CONFIGS['t2v-A14B']
+    widths = TINY if tiny else dict(dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_heads=cfg.num_heads,
+                                    num_layers=cfg.num_layers)
+    w, h = SIZE_CONFIGS[size]
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(dev):
+            experts = [WanTransformer3DModel(
+                num_attention_heads=widths['num_heads'],
+                attention_head_dim=widths['dim'] // widths['num_heads'],
+                ffn_dim=widths['ffn_dim'], num_layers=widths['num_layers'], text_dim=4096,
+                freq_dim=256).eval().requires_grad_(False) for _ in range(2)]
+    finally:
+        torch.set_default_dtype(saved)
+    with torch.device(dev):
+        vae = AutoencoderKLWan(**({'base_dim': 16} if tiny else {})).eval().requires_grad_(False)
+    scheduler = UniPCMultistepScheduler(prediction_type='flow_prediction', use_flow_sigmas=True,
+                                        num_train_timesteps=cfg.num_train_timesteps,
+                                        flow_shift=cfg.sample_shift)
+    for expert in experts:
+        if backend is not None:
+            expert.set_attention_backend(backend)
+        if dev.type == 'cuda':
+            expert.compile_repeated_blocks(fullgraph=True)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler,
+                       transformer=experts[0], transformer_2=experts[1],
+                       boundary_ratio=cfg.boundary)
+    gen = torch.Generator(dev).manual_seed(0)
+    embeds = torch.randn(1, 512, 4096, device=dev, generator=gen).bfloat16()
+    null = torch.randn(1, 512, 4096, device=dev, generator=gen).bfloat16()
+    high, low = cfg.sample_guide_scale[1], cfg.sample_guide_scale[0]
+    marks: List[float] = []
+
+    def on_step(_pipe, _i, _t, kwargs):
+        marks.append(_synced(dev))
+        return kwargs
+
+    def run(n: int):
+        marks.clear()
+        marks.append(_synced(dev))
+        latents = pipe(prompt_embeds=embeds, negative_prompt_embeds=null, height=h, width=w,
+                       num_frames=frames, num_inference_steps=n, guidance_scale=high,
+                       guidance_scale_2=low, output_type='latent', return_dict=False,
+                       callback_on_step_end=on_step)[0]
+        t0 = _synced(dev)
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+        with torch.no_grad():
+            vae.decode((latents.to(vae.dtype) * std.to(vae.dtype) + mean.to(vae.dtype)),
+                       return_dict=False)
+        return _synced(dev) - t0
+
+    t0 = _synced(dev)
+    run(2)  # compile and autotuning
+    warm = _synced(dev) - t0
+    if dev.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = _synced(dev)
+    decode = run(steps)
+    total = _synced(dev) - t0
+    out = {'warmup_seconds': warm, 'total_seconds': total,
+           'step_seconds': statistics.median(b - a for a, b in zip(marks, marks[1:])),
+           't5_seconds': None, 'decode_seconds': decode,
+           'peak_gpu_gib': torch.cuda.max_memory_allocated(dev) / GiB
+           if dev.type == 'cuda' else None, 'attention': backend or 'default'}
+    del pipe, experts, vae
+    return out
+
+
+def peer_pipelines(sizes: List[str], frames: int, steps: int, tiny: bool = False,
+                   backend: Optional[str] = None) -> Dict[str, Any]:
+    """The end-to-end stage: per size, ours then diffusers', each alone on the device."""
+    import gc
+    dev = torch.device('cpu' if tiny else 'cuda')
+    if backend is None and dev.type == 'cuda':
+        backend = '_flash_3' if _enable_diffusers_fa3() else '_native_cudnn'
+    rows: Dict[str, Any] = {}
+    for size in sizes:
+        row: Dict[str, Any] = {}
+        for name, fn in (('ours', lambda: _ours_pipeline(size, frames, steps, tiny, dev)),
+                         ('diffusers', lambda: _diffusers_pipeline(size, frames, steps, tiny,
+                                                                   dev, backend))):
+            try:
+                row[name] = fn()
+            except Exception as exc:  # noqa: BLE001 - a side that fails is a result too
+                row[name] = {'error': f'{type(exc).__name__}: {str(exc)[:300]}'}
+            gc.collect()
+            if dev.type == 'cuda':
+                torch.cuda.empty_cache()
+            logging.info('%s %s pipeline: %s', size, name, row[name])
+            r = row[name]
+            if 'error' not in r:  # 40 steps from the measured stages
+                r['projected_40_step_seconds'] = (r['t5_seconds'] or 0.0) + \
+                    40 * r['step_seconds'] + r['decode_seconds']
+        if 'error' not in row['ours'] and 'error' not in row['diffusers']:
+            row['ours_step_speedup'] = row['diffusers']['step_seconds'] / \
+                row['ours']['step_seconds']
+            row['ours_projected_speedup'] = row['diffusers']['projected_40_step_seconds'] / \
+                row['ours']['projected_40_step_seconds']
+        rows[size] = row
+    return {'steps': steps, 'sizes': rows}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--sizes', nargs='+', default=['832*480', '1280*720'])
@@ -187,6 +344,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--backends', nargs='+', default=None,
                    help="diffusers' eager attention backends to time (default: native, "
                         "_native_cudnn and _flash_3 where FA3 is importable)")
+    p.add_argument('--pipeline', action='store_true',
+                   help="also the end-to-end stage: WanT2VOptimized.generate against "
+                        "diffusers' WanPipeline, --steps steps per size")
+    p.add_argument('--steps', type=int, default=40, help='denoising steps of --pipeline')
+    p.add_argument('--no-forwards', dest='forwards', action='store_false',
+                   help='skip the per-forward stage (with --pipeline)')
     p.add_argument('--output', default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
@@ -208,10 +371,30 @@ def main(argv: Optional[List[str]] = None) -> int:
             with open(args.output, 'w') as f:
                 json.dump(dict(out, **meta, seconds=time.perf_counter() - t0), f, indent=2)
 
-    out = peer_forwards(args.sizes, args.frames, args.reps, tiny=args.tiny,
-                        backends=args.backends, after_size=write)
+    if not args.forwards and not args.pipeline:
+        print('error: --no-forwards leaves nothing to run without --pipeline', file=sys.stderr)
+        return 1
+    out: Dict[str, Any] = {'sizes': {}}
+    if args.forwards:
+        out = peer_forwards(args.sizes, args.frames, args.reps, tiny=args.tiny,
+                            backends=args.backends, after_size=write)
+    if args.pipeline:
+        import diffusers
+        out.setdefault('diffusers', diffusers.__version__)
+        out.setdefault('torch', torch.__version__)
+        out['pipeline'] = peer_pipelines(args.sizes, args.frames, args.steps, tiny=args.tiny)
+        write(out)
     out.update(meta, seconds=time.perf_counter() - t0)
     write(out)
+    for size, r in out.get('pipeline', {}).get('sizes', {}).items():
+        for name, x in r.items():
+            if isinstance(x, dict):
+                print(f"{size} {name} pipeline: " + ('error ' + x['error'] if 'error' in x else
+                      f"step {x['step_seconds']:.3f} s, decode {x['decode_seconds']:.2f} s, "
+                      f"total {x['total_seconds']:.1f} s, 40 steps projected "
+                      f"{x['projected_40_step_seconds']:.1f} s"))
+    if not out['sizes']:
+        return 0
     print(f"{'size':<10}{'ours s':>9}{'diffusers eager (best) s':>26}{'compiled s':>12}"
           f"{'ours vs compiled':>18}")
     for size, r in out['sizes'].items():

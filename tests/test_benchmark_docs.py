@@ -301,3 +301,25 @@ def test_peer_mode_smoke_on_cpu(tmp_path):
                  '--output', str(out)]) == 0
     row = json.loads(out.read_text())['sizes']['128*64']
     assert row['ours']['seconds'] > 0 and row['diffusers_eager']['native']['seconds'] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec('diffusers') is None,
+                    reason='diffusers is optional (never a dependency); not installed here')
+def test_peer_pipeline_stage_smoke_on_cpu(tmp_path):
+    """bench/peer.py --tiny --pipeline: WanT2VOptimized.generate and diffusers' WanPipeline
+    (two experts, UniPC, a random VAE, prompt embeddings) each run a generation end to end,
+    with per-step, decode and projected 40-step times."""
+    from bench.peer import main
+    out = tmp_path / 'peer.json'
+    assert main(['--tiny', '--sizes', '128*64', '--frames', '5', '--pipeline', '--steps', '3',
+                 '--no-forwards', '--output', str(out)]) == 0
+    res = json.loads(out.read_text())['pipeline']
+    assert res['steps'] == 3
+    row = res['sizes']['128*64']
+    for side in ('ours', 'diffusers'):
+        assert 'error' not in row[side], row[side]
+        r = row[side]
+        assert 0 < r['step_seconds'] < r['total_seconds'] and r['decode_seconds'] > 0
+        assert r['projected_40_step_seconds'] > 40 * r['step_seconds']
+    assert row['ours']['t5_seconds'] > 0 and row['diffusers']['t5_seconds'] is None
+    assert row['ours_projected_speedup'] > 0
