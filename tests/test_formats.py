@@ -292,6 +292,48 @@ def test_fp8_dequantization_to_a_requested_dtype_and_kept_fp8(tmp_path, weights)
     assert torch.equal(kept['blocks.0.modulation'], weights['high']['blocks.0.modulation'])
 
 
+@pytest.mark.parametrize('variant', ['fp8_scaled', 'fp8_weight_scale'])
+def test_fp8_linears_take_a_scaled_fp8_files_weights_as_stored(tmp_path, weights, variant):
+    """--quantize on a ComfyUI fp8_scaled expert: the chosen linears get the file's e4m3
+    bytes and its per-tensor scale (as Fp8Linear's (out, 1)), never re-quantized; the other
+    fp8 weights are dequantized; the forward equals fp8 linears built from the file's values
+    beside the dequantized rest."""
+    from wan.modules.fp8 import (Fp8Linear, fp8_weight_names, quantize_transform,
+                                 swap_linears_)
+    from wan.utils.dtype_policy import dtype_rule
+    write_comfy(tmp_path, weights, variant)
+    source = detect_layout(str(tmp_path)).high_noise_model
+    rule = dtype_rule(WanModel, 'matmul', torch.bfloat16)
+    names = []
+
+    def before_load(model):
+        swap_linears_(model, 'ffn')
+        names.extend(fp8_weight_names(model))
+    model = WanModel.from_source(source, TINY_DIT, dtype_rule=rule, before_load=before_load,
+                                 transform=quantize_transform(names, 'cpu', rule),
+                                 fp8_keep=names)
+    assert names == [f'blocks.{i}.ffn.{j}.weight' for i in range(2) for j in (0, 2)]
+    expected = load_tensors_(build_on_meta(dit_factory), dequantized(weights['high']).items(),
+                             source='expected', dtype=rule)
+    for name in names:
+        q, scale = quantize(weights['high'][name])
+        layer = model.get_submodule(name[:-len('.weight')])
+        assert isinstance(layer, Fp8Linear)
+        assert torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8))
+        assert torch.equal(layer.weight_scale, scale.expand(q.shape[0], 1))
+        parent, _, child = name[:-len('.weight')].rpartition('.')
+        bias = weights['high'][name[:-len('weight')] + 'bias']
+        setattr(expected.get_submodule(parent), child, Fp8Linear.from_quantized(q, scale, bias))
+    # not chosen by --quantize: dequantized from the file, as without --quantize
+    assert torch.equal(model.blocks[0].self_attn.q.weight, expected.blocks[0].self_attn.q.weight)
+    gen = torch.Generator().manual_seed(0)
+    lat = [torch.randn(16, 3, 8, 8, generator=gen)]
+    ctx = [torch.randn(7, TINY_DIT['text_dim'], generator=gen)]
+    with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():
+        got, want = (m(lat, torch.tensor([700]), ctx, seq_len=48)[0] for m in (model, expected))
+    assert torch.equal(got, want)
+
+
 def test_fp8_transform_buffers_only_until_the_partner_arrives():
     w, s = quantize(torch.randn(4, 3))
     order = [('a.weight', w), ('b.bias', torch.ones(2)), ('a.scale_weight', s),

@@ -300,12 +300,14 @@ class WanT2V:
         return layout
 
     def load_expert(self, name: str, seed: int, *, device: Union[str, torch.device],
-                    dtype_rule, before_load=None, place=None, transform=None) -> WanModel:
+                    dtype_rule, before_load=None, place=None, transform=None,
+                    fp8_keep=None) -> WanModel:
         """One expert ('high_noise' or 'low_noise'), from this pipeline's checkpoint layout or
         random weights, each tensor in its `dtype_rule` dtype, on `device` (or where `place`
         puts it), its LoRAs merged (as the tensors stream in: in the file's dtype, then
         cast); `transform` (a loader stream transform, e.g. fp8 quantization) runs on the
-        merged weights."""
+        merged weights; `fp8_keep`: the weights a scaled-fp8 file may hand over as stored
+        (WanModel.from_source; not with LoRAs, which merge into dequantized weights)."""
         loras = self._loras[name]
         merge = None
         if loras and (transform is not None or not self.random_init):
@@ -325,7 +327,8 @@ class WanT2V:
         return WanModel.from_source(source, self._dit_kwargs(), device=device,
                                     dtype_rule=dtype_rule, transform=chain(merge, transform),
                                     place=place, before_load=before_load,
-                                    fp8_dtype=self.param_dtype)
+                                    fp8_dtype=self.param_dtype,
+                                    fp8_keep=None if loras else fp8_keep)
 
     def _build_expert(self, subfolder, checkpoint_dir, seed, use_sp, dit_fsdp, shard_fn,
                       convert_model_dtype) -> torch.nn.Module:

@@ -217,15 +217,16 @@ class WanT2VOptimized(WanT2V):
             swap_linears_(model, parts)
 
     def load_expert(self, name: str, seed: int, *, device, dtype_rule, before_load=None,
-                    place=None, transform=None) -> WanModel:
+                    place=None, transform=None, fp8_keep=None) -> WanModel:
         """As WanT2V.load_expert; with --quantize the chosen linears are fp8 before any
         weight arrives and their weights are quantized as they stream in, on the compute
         device (`quantize_transform`): the expert never exists in bf16 where it is placed,
-        and the values are those of quantizing the loaded bf16 linears."""
+        and the values are those of quantizing the loaded bf16 linears. A scaled-fp8 file's
+        e4m3 weights for those linears are taken as stored, with their scales."""
         if not quantize_parts(self.opt.quantize):
             return super().load_expert(name, seed, device=device, dtype_rule=dtype_rule,
                                        before_load=before_load, place=place,
-                                       transform=transform)
+                                       transform=transform, fp8_keep=fp8_keep)
         names: List[str] = []
 
         def before(model: WanModel) -> None:
@@ -238,7 +239,7 @@ class WanT2VOptimized(WanT2V):
             return quantize_transform(names, self.device, dtype_rule)(stream)
         model = super().load_expert(name, seed, device=device, dtype_rule=dtype_rule,
                                     before_load=before, place=place,
-                                    transform=chain(transform, quantize))
+                                    transform=chain(transform, quantize), fp8_keep=names)
         logging.info('%s expert: %d block linears quantized to fp8 while loading (%s)', name,
                      len(names), ', '.join(quantize_parts(self.opt.quantize)))
         return model

@@ -276,16 +276,19 @@ def quantize_transform(weight_names: Collection[str], device: Union[torch.device
     model naming) is cast to the dtype `dtype_rule` gives it, moved to `device` and
     quantized there per output channel, exactly as `Fp8Linear.from_linear` quantizes a
     loaded linear; it is replaced in the stream by its e4m3 weight and its fp32
-    `<layer>.weight_scale` (out, 1), and the layer's bias is cast to bf16. Other tensors
-    pass through. So the bf16 copy of a quantized weight exists only on `device`, one
-    tensor at a time."""
+    `<layer>.weight_scale` (out, 1), and the layer's bias is cast to bf16. A weight that
+    arrives in e4m3 already (a scaled-fp8 file's, with its scale next in the stream) passes
+    as it is. Other tensors pass through. So the bf16 copy of a quantized weight exists only
+    on `device`, one tensor at a time."""
     names = frozenset(weight_names)
     biases = frozenset(n[:-len('weight')] + 'bias' for n in names)
 
     def transform(stream: Iterator[Tuple[str, torch.Tensor]]
                   ) -> Iterator[Tuple[str, torch.Tensor]]:
         for name, tensor in stream:
-            if name in names:
+            if name in names and tensor.dtype == FP8_DTYPE:
+                yield name, tensor  # stored fp8: its weight_scale follows in the stream
+            elif name in names:
                 w = tensor.to(device=device, dtype=dtype_rule(name, tensor))
                 q, scale = quantize_rowwise(w)
                 del w

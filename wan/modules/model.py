@@ -27,7 +27,7 @@ import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -683,12 +683,15 @@ class WanModel(nn.Module):
                     transform: Optional[Transform] = None,
                     place: Optional[Place] = None,
                     before_load: Optional[Callable[['WanModel'], None]] = None,
-                    fp8_dtype: torch.dtype = torch.bfloat16) -> 'WanModel':
+                    fp8_dtype: torch.dtype = torch.bfloat16,
+                    fp8_keep: Optional[Collection[str]] = None) -> 'WanModel':
         """An expert from any checkpoint layout (a `wan.utils.formats.ComponentSource`): the
         original folder (its config.json), a Diffusers `transformer*/` folder (its config,
         diffusers names mapped to ours) or a ComfyUI single file (no config: `default_kwargs`,
-        the task's; scaled fp8 dequantized to `fp8_dtype`). `transform` runs after the
-        layout's own (e.g. a LoRA merge); the other hooks are from_pretrained's."""
+        the task's; scaled fp8 dequantized to `fp8_dtype`, except the e4m3 weights named in
+        `fp8_keep`, which stay as stored with their scales, for fp8 linears; it is read once
+        `before_load` has run). `transform` runs after the layout's own (e.g. a LoRA merge);
+        the other hooks are from_pretrained's."""
         if source.layout == 'original':
             kwargs = cls.read_config(source.path)
         elif source.config_path is not None:
@@ -708,7 +711,9 @@ class WanModel(nn.Module):
             tensors = tqdm(tensors, total=n, desc=f'loading {source.describe()}', unit='tensor')
         load_tensors_(model, tensors, source=source.path, device=device or 'cpu',
                       dtype=dtype_rule, rename=source.rename,
-                      transform=chain(source.transform(fp8_dtype), transform), place=place)
+                      transform=chain(source.transform(
+                          fp8_dtype, keep_fp8=False if fp8_keep is None else fp8_keep),
+                          transform), place=place)
         model.freqs = model.freqs.to(device or 'cpu')
         return model.eval().requires_grad_(False)
 

@@ -39,7 +39,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 from typing import (Any, Callable, Collection, Dict, FrozenSet, Iterable, Iterator, List,
-                    Mapping, Optional, Sequence, Tuple)
+                    Mapping, Optional, Sequence, Tuple, Union)
 
 import torch
 
@@ -242,7 +242,7 @@ def _scale_for(weight: torch.Tensor, scale: torch.Tensor, layer: str) -> torch.T
 
 
 def fp8_transform(scaled_layers: Collection[str] = (), *, dtype: torch.dtype = torch.bfloat16,
-                  keep_fp8: bool = False) -> Transform:
+                  keep_fp8: Union[bool, Collection[str]] = False) -> Transform:
     """Dequantize fp8 weights as they stream by: `<layer>.weight` (a float8 dtype) times its
     float32 scale (`<layer>.scale_weight` or `<layer>.weight_scale`), computed in float32 and
     rounded once to `dtype`. A float8 weight without a scale has scale 1 (plain fp8 files).
@@ -253,15 +253,26 @@ def fp8_transform(scaled_layers: Collection[str] = (), *, dtype: torch.dtype = t
     tensors pass through unchanged.
 
     keep_fp8: yield the float8 weight unchanged and its scale as `<layer>.weight_scale`
-    (float32; a scale of 1 where the file has none), for an fp8 compute path.
+    (float32; a scale of 1 where the file has none), for an fp8 compute path. A collection
+    of weight names (read when the stream starts, so it may be filled until then) keeps only
+    those, and only e4m3 ones (what `Fp8Linear` computes with), each scale shaped (out, 1) as
+    an Fp8Linear holds it; every other fp8 weight is dequantized.
     """
     scaled = frozenset(scaled_layers)
+    keep_all = keep_fp8 is True
+    keep_names: FrozenSet[str] = frozenset()
+
+    def kept(layer: str, weight: torch.Tensor) -> bool:
+        return keep_all or (f'{layer}.weight' in keep_names and weight.dtype ==
+                            torch.float8_e4m3fn and weight.dim() == 2)
 
     def emit(layer: str, weight: torch.Tensor, scale: Optional[torch.Tensor]):
-        if keep_fp8:
+        if kept(layer, weight):
+            scale = torch.ones((), dtype=torch.float32) if scale is None else \
+                scale.to(torch.float32)
             yield f'{layer}.weight', weight
-            yield f'{layer}.weight_scale', (torch.ones((), dtype=torch.float32) if scale is None
-                                            else scale.to(torch.float32))
+            yield f'{layer}.weight_scale', scale if keep_all else \
+                _scale_for(weight, scale, layer).expand(weight.shape[0], 1).contiguous()
         elif scale is None:
             yield f'{layer}.weight', weight.to(dtype)  # exact: bf16/fp16/fp32 hold every e4m3
         else:
@@ -269,6 +280,9 @@ def fp8_transform(scaled_layers: Collection[str] = (), *, dtype: torch.dtype = t
                                       * _scale_for(weight, scale, layer)).to(dtype)
 
     def transform(stream: Iterator[Tuple[str, torch.Tensor]]):
+        nonlocal keep_names
+        if not isinstance(keep_fp8, bool):
+            keep_names = frozenset(keep_fp8)
         weights: Dict[str, torch.Tensor] = {}  # waiting for their scale
         scales: Dict[str, torch.Tensor] = {}   # waiting for their weight
         for name, tensor in stream:
@@ -424,7 +438,7 @@ class ComponentSource:
     config_path: Optional[str] = None  # config.json next to the weights, if any
 
     def transform(self, dtype: torch.dtype = torch.bfloat16,
-                  keep_fp8: bool = False) -> Optional[Transform]:
+                  keep_fp8: Union[bool, Collection[str]] = False) -> Optional[Transform]:
         """The `transform` hook: fp8 dequantization to `dtype` (or keep_fp8, see
         `fp8_transform`) when the file is fp8, and de-duplication of tied names; None if the
         stream needs no change."""
