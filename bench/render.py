@@ -542,6 +542,13 @@ def _slower(d: dict):
     return max(xs) if xs else None
 
 
+def _judged(t, x, nd: int, where: str = '') -> str:
+    """'<meaning>[ at <where>] ≤ <bound>: <measured> (<verdict>)' for target `t`."""
+    op = '≤' if t.kind == 'at most' else '≥'
+    return (f"{t.meaning}{' at ' + where if where else ''} {op} {t.value:g}{t.unit}: "
+            f"{f(x, nd)}{t.unit} ({verdict(t, x)})")
+
+
 def table_gpu_sizes() -> str:
     """One row per GPU size, one column per video size: the plan and the measured step."""
     runs = {(x['size'], x['cap_gib']): x for name in ('placement_480p', 'placement_720p')
@@ -570,10 +577,8 @@ def table_gpu_sizes() -> str:
               ('streamed_step_ratio', '720p', _slower(r7.get('step_ratio_to_first_run'))),
               ('streamed_peak_gib', '720p', r7.get('peak_gpu_gib'))]
     rows += ['', 'Targets: ' + '; '.join(
-        f"{target(n, sz).meaning} at {'832*480' if sz == '480p' else '1280*720'} "
-        f"{'≤' if target(n, sz).kind == 'at most' else '≥'} {target(n, sz).value:g}"
-        f"{target(n, sz).unit}: {f(x, 3 if 'ratio' in n else 1)}{target(n, sz).unit} "
-        f"({verdict(target(n, sz), x)})" for n, sz, x in checks)
+        _judged(target(n, sz), x, 3 if 'ratio' in n else 1,
+                '832*480' if sz == '480p' else '1280*720') for n, sz, x in checks)
         + f"; decoded video under the 24 GiB cap vs resident: "
         f"{'identical' if r7.get('identical_to_first_run') else 'different'}."]
     rows += ['', 'Measured on one H200 (the cap is enforced on the allocator, so each row '
@@ -607,8 +612,7 @@ def table_activation() -> str:
                     f"{f(now * 2**30 / 1024 / a['tokens'], 1)} |")
     t = target('activation_peak_gib', '720p')
     now7 = peer['sizes']['1280*720']['ours']['activation_peak_gib']
-    rows += ['', f"Target: {t.meaning} at 1280*720 ≤ {t.value:g}{t.unit}: {f(now7)}{t.unit} "
-                 f"({verdict(t, now7)}).",
+    rows += ['', f"Target: {_judged(t, now7, 2, '1280*720')}.",
              '', 'Activation peak = peak allocated memory during one expert forward (batch 1, '
                  '512 text tokens, random bf16 weights) minus what was allocated before it. '
                  'Sources: `bench/results/' + RUNS['peer_before'] + '`, `bench/results/'
@@ -651,9 +655,7 @@ def table_fp8() -> str:
     if best and 'error' not in best:
         ts, tq = target('fp8_step_ratio', '720p'), target('fp8_psnr_db')
         x, q = _slower(best['step_ratio_to_bf16']), best['vs_bf16']['psnr_db']
-        rows += ['', f"Targets at 1280*720: {ts.meaning} ≤ {ts.value:g}{ts.unit}: "
-                     f"{f(x, 3)}{ts.unit} ({verdict(ts, x)}); {tq.meaning} ≥ {tq.value:g}"
-                     f"{tq.unit}: {f(q, 1)}{tq.unit} ({verdict(tq, q)})."]
+        rows += ['', f"Targets at 1280*720: {_judged(ts, x, 3)}; {_judged(tq, q, 1)}."]
     d4 = load_raw('fp8_480p')
     rows += ['', f"Sources: `bench/results/{RUNS['fp8_480p']}` ({d4['steps']} steps) and "
                  f"`bench/results/{RUNS['fp8_720p']}` ({d7['steps']} steps) — {d7['gpu']}, "
