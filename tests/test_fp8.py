@@ -340,7 +340,7 @@ def _load_hooks(parts, rule, runner_box=None):
             t.data = t.data.to(rule(name, t))
         if runner_box is not None:
             runner_box['runner'] = StreamingBlockRunner(model.blocks, 'cpu')
-    return before_load, lambda stream: quantize_transform(names, 'cpu', rule)(stream)
+    return before_load, quantize_transform(names, 'cpu', rule)
 
 
 @pytest.mark.parametrize('mode', ['matmul', 'all'])

@@ -165,7 +165,7 @@ class Fp8Linear(nn.Module):
             raise RuntimeError(f'Fp8Linear weight was cast to {self.weight.dtype} (scale '
                                f'{self.weight_scale.dtype}); fp8 modules must not be dtype-cast')
         if not self.compute_fp8:
-            weight = (self.weight.float() * self.weight_scale).to(torch.bfloat16)
+            weight = dequantize(self.weight, self.weight_scale, torch.bfloat16)
             return F.linear(x.to(torch.bfloat16), weight, self.bias)
         lead = x.shape[:-1]
         xq, x_scale = quantize_rowwise(x.reshape(-1, self.in_features))
@@ -279,12 +279,12 @@ def quantize_transform(weight_names: Collection[str], device: Union[torch.device
     `<layer>.weight_scale` (out, 1), and the layer's bias is cast to bf16. A weight that
     arrives in e4m3 already (a scaled-fp8 file's, with its scale next in the stream) passes
     as it is. Other tensors pass through. So the bf16 copy of a quantized weight exists only
-    on `device`, one tensor at a time."""
-    names = frozenset(weight_names)
-    biases = frozenset(n[:-len('weight')] + 'bias' for n in names)
-
+    on `device`, one tensor at a time. `weight_names` is read when the stream starts (a
+    `before_load` hook may fill it until then, as with the layout's `fp8_transform`)."""
     def transform(stream: Iterator[Tuple[str, torch.Tensor]]
                   ) -> Iterator[Tuple[str, torch.Tensor]]:
+        names = frozenset(weight_names)
+        biases = frozenset(n[:-len('weight')] + 'bias' for n in names)
         for name, tensor in stream:
             if name in names and tensor.dtype == FP8_DTYPE:
                 yield name, tensor  # stored fp8: its weight_scale follows in the stream

@@ -432,10 +432,10 @@ class WanModel(nn.Module):
     _no_split_modules = ['WanAttentionBlock']
     # the parts computed inside fp32 islands (docs/MODEL.md#precision-map): their weights keep fp32
     # under the 'matmul' dtype policy (wan/utils/dtype_policy.py); every other weight is only
-    # a matmul/conv input under the compute dtype's autocast ('weight_scale': the fp32 scales
-    # of fp8 linears, wan/modules/fp8.py)
+    # a matmul/conv input under the compute dtype's autocast (fp8 linears' scales stay fp32
+    # under every policy: the dtype rule keeps them with their e4m3 weights)
     _keep_in_fp32_modules = ('time_embedding', 'time_projection', 'head', 'modulation',
-                             'norm_q', 'norm_k', 'norm3', 'weight_scale')
+                             'norm_q', 'norm_k', 'norm3')
 
     def __init__(self,
                  model_type: str = 't2v',

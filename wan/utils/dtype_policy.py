@@ -41,11 +41,11 @@ def dtype_rule(model: nn.Module | type, mode: str,
         raise ValueError(f'unknown dtype mode {mode!r}; choose from {DTYPE_MODES}')
 
     def rule(name: str, tensor: torch.Tensor) -> torch.dtype:
-        # fp8 weights (and anything not floating) are used as they are stored
+        # fp8 weights (and anything not floating) are used as they are stored, and an fp8
+        # weight's scale is part of its format: fp32 in every mode
         if not tensor.is_floating_point() or mode == 'checkpoint' or \
                 tensor.dtype in FP8_DTYPES:
             return tensor.dtype
-        # an fp8 weight's scale is part of its format: fp32 in every mode
         if name.rpartition('.')[2] == 'weight_scale':
             return torch.float32
         if mode == 'all':
