@@ -235,11 +235,10 @@ class WanT2VOptimized(WanT2V):
             if before_load is not None:
                 before_load(model)
 
-        def quantize(stream):
-            return quantize_transform(names, self.device, dtype_rule)(stream)
-        model = super().load_expert(name, seed, device=device, dtype_rule=dtype_rule,
-                                    before_load=before, place=place,
-                                    transform=chain(transform, quantize), fp8_keep=names)
+        model = super().load_expert(
+            name, seed, device=device, dtype_rule=dtype_rule, before_load=before, place=place,
+            transform=chain(transform, quantize_transform(names, self.device, dtype_rule)),
+            fp8_keep=names)
         logging.info('%s expert: %d block linears quantized to fp8 while loading (%s)', name,
                      len(names), ', '.join(quantize_parts(self.opt.quantize)))
         return model
@@ -439,16 +438,18 @@ class WanT2VOptimized(WanT2V):
         # the T5 dtype under autocast; the compute dtype otherwise (as generate() casts it)
         ctx = torch.zeros(1, self.config.get('text_dim', 4096), device=self.device,
                           dtype=self.config.t5_dtype if self.half_precision else self.param_dtype)
-        # with an fp8 schedule, both kinds of step compile now
-        modes = (False, True) if self._fp8_schedule is not None else (None,)
+
+        def forwards() -> None:
+            for model, t in ((self.high_noise_model, self.num_train_timesteps - 1),
+                             (self.low_noise_model, 0)):
+                model([lat] * batch, t=torch.full((batch,), t, device=self.device),
+                      context=[ctx] * batch, seq_len=seq_len)
         with self._autocast():
-            for mode in modes:
-                if mode is not None:
-                    self._set_fp8_compute(mode)
-                for model, t in ((self.high_noise_model, self.num_train_timesteps - 1),
-                                 (self.low_noise_model, 0)):
-                    model([lat] * batch, t=torch.full((batch,), t, device=self.device),
-                          context=[ctx] * batch, seq_len=seq_len)
+            if self._fp8_schedule is not None:  # the bf16 steps compile now too
+                self._set_fp8_compute(False)
+                forwards()
+                self._set_fp8_compute(True)
+            forwards()
         self._probe_vae(size)
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
