@@ -260,14 +260,11 @@ def fp8_transform(scaled_layers: Collection[str] = (), *, dtype: torch.dtype = t
     """
     scaled = frozenset(scaled_layers)
     keep_all = keep_fp8 is True
-    keep_names: FrozenSet[str] = frozenset()
 
-    def kept(layer: str, weight: torch.Tensor) -> bool:
-        return keep_all or (f'{layer}.weight' in keep_names and weight.dtype ==
-                            torch.float8_e4m3fn and weight.dim() == 2)
-
-    def emit(layer: str, weight: torch.Tensor, scale: Optional[torch.Tensor]):
-        if kept(layer, weight):
+    def emit(layer: str, weight: torch.Tensor, scale: Optional[torch.Tensor],
+             keep_names: FrozenSet[str]):
+        if keep_all or (f'{layer}.weight' in keep_names and weight.dtype ==
+                        torch.float8_e4m3fn and weight.dim() == 2):
             scale = torch.ones((), dtype=torch.float32) if scale is None else \
                 scale.to(torch.float32)
             yield f'{layer}.weight', weight
@@ -280,9 +277,7 @@ def fp8_transform(scaled_layers: Collection[str] = (), *, dtype: torch.dtype = t
                                       * _scale_for(weight, scale, layer)).to(dtype)
 
     def transform(stream: Iterator[Tuple[str, torch.Tensor]]):
-        nonlocal keep_names
-        if not isinstance(keep_fp8, bool):
-            keep_names = frozenset(keep_fp8)
+        keep = frozenset() if isinstance(keep_fp8, bool) else frozenset(keep_fp8)
         weights: Dict[str, torch.Tensor] = {}  # waiting for their scale
         scales: Dict[str, torch.Tensor] = {}   # waiting for their weight
         for name, tensor in stream:
@@ -292,7 +287,7 @@ def fp8_transform(scaled_layers: Collection[str] = (), *, dtype: torch.dtype = t
             if suffix is not None:
                 layer = name[:-len(suffix)]
                 if layer in weights:
-                    yield from emit(layer, weights.pop(layer), tensor)
+                    yield from emit(layer, weights.pop(layer), tensor, keep)
                 else:
                     scales[layer] = tensor
                 continue
@@ -300,12 +295,12 @@ def fp8_transform(scaled_layers: Collection[str] = (), *, dtype: torch.dtype = t
                 layer = name[:-len('.weight')]
                 if layer in scaled:
                     if layer in scales:
-                        yield from emit(layer, tensor, scales.pop(layer))
+                        yield from emit(layer, tensor, scales.pop(layer), keep)
                     else:
                         weights[layer] = tensor
                     continue
                 if tensor.dtype in _FP8_DTYPES:
-                    yield from emit(layer, tensor, None)
+                    yield from emit(layer, tensor, None, keep)
                     continue
             yield name, tensor
         left = sorted(weights) + sorted(scales)
