@@ -35,7 +35,7 @@ import torch.nn as nn
 from ..utils.checkpoint import (DtypeRule, Place, Rename, Transform, chain, iter_safetensors,
                                 load_tensors_, require_file, save_sharded_safetensors,
                                 safetensors_files)
-from ..utils.random_init import build_on_meta, init_random_weights_, random_tensors
+from ..utils.random_init import build_on_meta, random_tensors
 from .attention import attention
 
 __all__ = ['WanModel', 'sinusoidal_embedding_1d', 'rope_params', 'rope_apply',
@@ -749,14 +749,9 @@ class WanModel(nn.Module):
             if name.startswith('blocks.') and name.endswith(residual_writers):
                 t.mul_(scale)
 
-        if transform is None:
-            init_random_weights_(model, seed, device, dtype, dtype_rule=dtype_rule, place=place,
-                                 after_fill=after_fill)
-        else:
-            load_tensors_(model, random_tensors(drawn, seed, device, dtype, dtype_rule,
-                                                after_fill),
-                          source='random weights', device=device, dtype=dtype_rule or dtype,
-                          transform=transform, place=place)
+        load_tensors_(model, random_tensors(drawn, seed, device, dtype, dtype_rule, after_fill),
+                      source='random weights', device=device, dtype=dtype_rule or dtype,
+                      transform=transform, place=place)
         model.freqs = model.freqs.to(device)
         return model.eval().requires_grad_(False)
 
