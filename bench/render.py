@@ -55,12 +55,13 @@ RUNS = {
     'peer_before': 'h200_peer_diffusers_9168104.json',
     'peer': 'h200_peer_diffusers_024ccd7.json',
     # bench/fp8_pipeline_check.py: fp8 variants of a whole generation vs bf16, one process
-    'fp8_480p': 'h200_fp8_pipeline_832x480_9877069.json',
+    'fp8_480p': 'h200_fp8_pipeline_832x480_7635196.json',
     'fp8_720p': 'h200_fp8_pipeline_1280x720_9877069.json',
     # bench/placement_check.py --quantize all: fp8 experts (quantized while loading) resident
     # and streamed under a 16 GiB cap
     'placement_fp8_480p': 'h200_placement_fp8_832x480_f899ab4.json',
     # bench/fp8_forward_check.py: one expert forward per fp8 variant (relative error)
+    'fp8_forward_480p': 'h200_fp8_forward_832x480_7635196.json',
     'fp8_forward_720p': 'h200_fp8_forward_1280x720_9168104.json',
     # --ablate bf16_weights, one fresh process per configuration, no --convert_model_dtype
     'ablation_bf16': 'h200_832x480_ablation_bf16_weights_9168104.json',
@@ -635,9 +636,9 @@ def table_fp8() -> str:
             if 'error' in v:
                 rows.append(f"| {data['size']} | `{key}` | {v['error']} | | | | | | |")
                 continue
-            parts = ', '.join(v['fp8_parts']) or 'none'
-            if v['fp8_attention']:
-                parts += ' + self-attention (fa3_fp8)'
+            parts = ' + '.join([', '.join(v['fp8_parts'])] * bool(v['fp8_parts'])
+                               + ['self-attention (fa3_fp8)'] * bool(v['fp8_attention'])) \
+                or 'none'
             a = v['vs_bf16']
             rows.append(f"| {data['size']} | `{key}` | {parts} | "
                         f"{f(v['step_seconds']['high'])} / {f(v['step_seconds']['low'])} | "
@@ -645,11 +646,14 @@ def table_fp8() -> str:
                         f"{f(a['latent_rel_err'], 4)} | "
                         f"{'bf16 itself' if a['psnr_db'] == float('inf') else f(a['psnr_db'], 1)}"
                         f" | {f(v['model_gib'] / 2, 1)} | {f(v['peak_gpu_gib'], 1)} |")
-    fw = load_raw('fp8_forward_720p')
-    rows += ['', 'One expert forward at 1280*720, relative error of its output vs bf16 '
-                 f"(`bench/results/{RUNS['fp8_forward_720p']}`): " + '; '.join(
-                     f"`{k}` {f(v['rel_err_vs_first'], 4)} ({f(v['ratio_to_first'], 3)}x)"
-                     for k, v in fw['variants'].items() if 'error' not in v) + '.']
+    rows += ['', 'One expert forward, relative error of its output vs bf16 (time vs bf16):', '']
+    for name in ('fp8_forward_480p', 'fp8_forward_720p'):
+        fw = load_raw(name)
+        rows.append(f"- {fw['size']} (`bench/results/{RUNS[name]}`, commit {commit_of(name)}): "
+                    + '; '.join(f"`{k}` {f(v['rel_err_vs_first'], 4)} "
+                                f"({f(v['ratio_to_first'], 3)}x)"
+                                for k, v in fw['variants'].items()
+                                if 'error' not in v and k != 'bf16') + '.')
     d7 = load_raw('fp8_720p')
     best = d7['variants'].get('all+attn')
     if best and 'error' not in best:
@@ -657,9 +661,10 @@ def table_fp8() -> str:
         x, q = _slower(best['step_ratio_to_bf16']), best['vs_bf16']['psnr_db']
         rows += ['', f"Targets at 1280*720: {_judged(ts, x, 3)}; {_judged(tq, q, 1)}."]
     d4 = load_raw('fp8_480p')
-    rows += ['', f"Sources: `bench/results/{RUNS['fp8_480p']}` ({d4['steps']} steps) and "
-                 f"`bench/results/{RUNS['fp8_720p']}` ({d7['steps']} steps) — {d7['gpu']}, "
-                 f"torch {d7['torch']}, {d7['frames']} frames, commit {commit_of('fp8_720p')}, "
+    rows += ['', f"Sources: `bench/results/{RUNS['fp8_480p']}` ({d4['steps']} steps, commit "
+                 f"{commit_of('fp8_480p')}) and `bench/results/{RUNS['fp8_720p']}` "
+                 f"({d7['steps']} steps, commit {commit_of('fp8_720p')}) — {d7['gpu']}, "
+                 f"torch {d7['torch']}, {d7['frames']} frames, "
                  'both experts resident, compiled blocks, exact attention '
                  f"{d7['exact_attention']}; each variant ran on the same weights, prompt and "
                  'seed, half of the steps per expert. **Random weights**: the errors say how '
