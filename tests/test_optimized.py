@@ -470,3 +470,46 @@ def test_vae_probe_is_gpu_only(opt_pipe):
     opt_pipe._vae_probe = {}
     opt_pipe._probe_vae((128, 64))
     assert opt_pipe._vae_probe == {}  # CPU: nothing to autotune, no GPU memory to measure
+
+
+def test_attention_kernels_picked_per_shape(cfg32, monkeypatch):
+    """With attention='auto' and several fast kernels, self- and cross-attention each take
+    the one timed fastest on their own shape (Ulysses: self-attention with a rank's share of
+    the heads, cross-attention with its share of the tokens); timings are kept per shape.
+    A named kernel is never overridden."""
+    import wan.text2video_optimized as opt
+    timed = []
+
+    def fake_times(backends, q_shape, k_shape, device):
+        timed.append((tuple(backends), q_shape, k_shape))
+        cross = k_shape[1] == cfg32.text_len
+        return {'fa3': 2.0 if cross else 5.0, 'cudnn': 3.0 if cross else 4.0}
+    monkeypatch.setattr(opt, 'available_backends', lambda: ['fa3', 'cudnn', 'sdpa'])
+    monkeypatch.setattr(opt, 'time_backends', fake_times)
+    pipe = build_optimized(cfg32, attention='auto')
+    pipe.device = torch.device('cuda')  # the pick only runs on a GPU; timings are faked
+    pipe.sp_size = 2
+    heads, head_dim = cfg32.num_heads, cfg32.dim // cfg32.num_heads
+    pipe._pick_attention_kernels(1, 64)
+    assert timed == [(('fa3', 'cudnn'), (1, 64, heads // 2, head_dim), (1, 64, heads // 2,
+                                                                         head_dim)),
+                     (('fa3', 'cudnn'), (1, 32, heads, head_dim),
+                      (1, cfg32.text_len, heads, head_dim))]
+    for model in pipe.experts():
+        assert model.options.attn_backend == 'cudnn'
+        assert model.options.cross_attn_backend == 'fa3'
+        assert model.blocks[0].self_attn.options is model.options
+    assert pipe.attention_backend == 'cudnn'
+    pipe._pick_attention_kernels(1, 64)
+    assert len(timed) == 2  # the same shapes are timed once per pipeline
+
+    named = build_optimized(cfg32, attention='sdpa')
+    named.device = torch.device('cuda')
+    named._pick_attention_kernels(1, 64)
+    assert len(timed) == 2 and named.low_noise_model.options.attn_backend == 'sdpa'
+
+
+def test_time_backends_runs_each_kernel():
+    from wan.modules.attention import time_backends
+    times = time_backends(['sdpa'], (1, 16, 2, 8), (1, 8, 2, 8), 'cpu', dtype=torch.float32)
+    assert list(times) == ['sdpa'] and times['sdpa'] > 0

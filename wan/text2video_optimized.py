@@ -10,7 +10,9 @@ fp32 matmuls changes the fp32 islands' precision and is opt-in.
 - per_sample_time: time MLP and 6*dim projection once per sample, broadcast over tokens
   (upstream runs them once per token: ~24 TFLOP of fp32 GEMM per 720p forward);
 - fast_rope: RoPE from a cached fp32 cos/sin table instead of float64 complex products;
-- attention: the fastest available kernel ('auto': FA3 > cuDNN SDPA > FA2 > SDPA);
+- attention: the fastest available kernel ('auto': FA3 > cuDNN SDPA > FA2 > SDPA; at
+  warm-up, where several are installed, self- and cross-attention each take the one timed
+  fastest on the video's own shapes);
 - bf16_weights: the matmul weights, which upstream casts to bf16 on every call under
   autocast, are stored in bf16 as they load; the fp32 islands (time MLP, head, norms,
   modulation) keep fp32;
@@ -39,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .modules.attention import attention, available_backends, resolve_backend
+from .modules.attention import available_backends, resolve_backend, time_backends
 from .modules.fp8 import (Fp8Schedule, fp8_weight_names, quantize_transform, set_fp8_compute_,
                           swap_linears_)
 from .modules.model import WanModel
@@ -55,7 +57,6 @@ from .utils.memory_plan import (STREAMED, MemoryPlan, ModelSizes, cpu_plan, log_
 from .utils.offload import PinnedOffload
 from .utils.placement import apply_gpu_cap, usable_gpu_bytes, usable_host_bytes
 from .utils.random_init import build_on_meta
-from .utils.timing import Timer
 from .utils.validation import check_generation_args
 
 __all__ = ['WanT2VOptimized', 'OptimizationConfig', 'optimize_pipeline', 'COMPILE_MODES']
@@ -158,6 +159,8 @@ class WanT2VOptimized(WanT2V):
         self._prompt_cache: Dict[str, torch.Tensor] = {}
         # latent (H', W') -> peak bytes of a short probe decode (None: it ran out of memory)
         self._vae_probe: Dict[Tuple[int, int], Optional[int]] = {}
+        # milliseconds per call of each attention kernel, by (kind, q shape, k shape)
+        self._kernel_times: Dict[tuple, Dict[str, float]] = {}
         self._plan: Optional[MemoryPlan] = None
         self._evicted: set = set()  # experts whose GPU weights left for a decode
         on_cuda = self.device.type == 'cuda'
@@ -432,8 +435,7 @@ class WanT2VOptimized(WanT2V):
         shape = self.target_shape(size, frame_num)
         seq_len = self.seq_len_for(shape)
         batch = 2 if plan.batched_cfg else 1
-        # under Ulysses each rank's cross-attention sees its own share of the tokens
-        self._pick_cross_attention_kernel(batch, seq_len // self.sp_size)
+        self._pick_attention_kernels(batch, seq_len)
         lat = torch.zeros(*shape, device=self.device)
         # the T5 dtype under autocast; the compute dtype otherwise (as generate() casts it)
         ctx = torch.zeros(1, self.config.get('text_dim', 4096), device=self.device,
@@ -493,39 +495,42 @@ class WanT2VOptimized(WanT2V):
                      size[0], size[1], time.perf_counter() - t0,
                      'out of memory' if peak is None else f'{peak / 2**30:.1f} GiB')
 
-    def _pick_cross_attention_kernel(self, batch: int, tokens: int) -> None:
-        """With attention='auto', time the fast kernels on the real cross-attention shape
-        (video tokens x 512 text keys) and keep the faster; the self-attention pick does not
-        carry over to this very different shape."""
-        candidates = [b for b in ('fa3', 'cudnn') if b in available_backends()]
+    def _pick_attention_kernels(self, batch: int, tokens: int) -> None:
+        """With attention='auto', time the fast exact kernels on this video's two attention
+        shapes and keep the faster for each: self-attention (every token against every
+        token) and cross-attention (the tokens against 512 text keys). Which kernel wins
+        depends on the GPU and the sequence length, and differs between the two shapes.
+        Under Ulysses a rank's self-attention sees all tokens with its share of the heads,
+        its cross-attention its share of the tokens with all heads."""
+        candidates = [b for b in ('fa3', 'cudnn', 'flash') if b in available_backends()]
         if self.opt.attention != 'auto' or len(candidates) < 2 or self.device.type != 'cuda':
             return
         c = self.config
-        shape_q = (batch, tokens, c.num_heads, c.dim // c.num_heads)
-        shape_k = (batch, c.text_len, c.num_heads, c.dim // c.num_heads)
-        q = torch.randn(shape_q, device=self.device, dtype=torch.bfloat16)
-        k, v = (torch.randn(shape_k, device=self.device, dtype=torch.bfloat16)
-                for _ in range(2))
-        times = {}
-        timer = Timer(self.device)
-        for backend in candidates:
-            attention(q, k, v, backend=backend)
-            runs: List[float] = []
-            with timer(runs):
-                for _ in range(3):
-                    attention(q, k, v, backend=backend)
-            times[backend] = runs[0] * 1e3 / 3
-        best = min(times, key=times.get)
+        heads, head_dim = c.num_heads, c.dim // c.num_heads
+        shapes = {'self': ((batch, tokens, heads // self.sp_size, head_dim),) * 2,
+                  'cross': ((batch, tokens // self.sp_size, heads, head_dim),
+                            (batch, c.text_len, heads, head_dim))}
+        picks, report = {}, {}
+        for kind, (q_shape, k_shape) in shapes.items():
+            key = (kind, q_shape, k_shape)
+            if key not in self._kernel_times:
+                self._kernel_times[key] = time_backends(candidates, q_shape, k_shape,
+                                                        self.device)
+            times = self._kernel_times[key]
+            picks[kind] = min(times, key=times.get) if times else self.attention_backend
+            report[kind] = {k: round(v, 3) for k, v in times.items()}
         if dist.is_available() and dist.is_initialized():
             # one kernel on every rank (timings differ a little between GPUs)
-            choice = [best]
+            choice = [picks]
             first = self.parallel_info.replica_ranks[0] if self.parallel_info else 0
             dist.broadcast_object_list(choice, src=first, group=self.group)
-            best = choice[0]
-        self.low_noise_model.options.cross_attn_backend = best
-        self.high_noise_model.options.cross_attn_backend = best
-        logging.info('cross-attention kernel: %s (ms per call: %s)', best,
-                     {k: round(v, 3) for k, v in times.items()})
+            picks = choice[0]
+        self.attention_backend = picks['self']
+        for model in self.experts():
+            model.options.attn_backend = picks['self']
+            model.options.cross_attn_backend = picks['cross']
+        logging.info('attention kernels at %d tokens: self %s, cross %s (ms per call: %s)',
+                     tokens, picks['self'], picks['cross'], report)
 
     # ------------------------------------------------------------------ hooks
     def _begin_step(self, index: int, num_steps: int) -> None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 __all__ = ['flash_attention', 'attention', 'available_backends', 'resolve_backend', 'LOSSY',
            'AttentionBackend', 'REGISTRY', 'BACKENDS', 'POLICIES', 'ATTENTION_CHOICES',
-           'AUTO_ORDER']
+           'AUTO_ORDER', 'time_backends']
 
 # Kernel modules found so far, by name. Plain module globals (not an lru_cache) so that
 # torch.compile treats them as constants inside compiled blocks.
@@ -306,3 +306,27 @@ def resolve_backend(name: Optional[str], device: torch.device | str | None = Non
         raise RuntimeError(f"attention backend '{name}' is not available here; available: "
                            f"{', '.join(available_backends())}")
     return name
+
+
+def time_backends(backends: Sequence[str], q_shape: Sequence[int], k_shape: Sequence[int],
+                  device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+                  calls: int = 3) -> Dict[str, float]:
+    """Milliseconds per dense call of each kernel on random q and k/v of these (B, L, H, D)
+    shapes, after one untimed call (kernel selection, autotuning). A kernel that runs out
+    of memory at this shape is left out of the result."""
+    from ..utils.timing import Timer
+    q = torch.randn(*q_shape, device=device, dtype=dtype)
+    k, v = (torch.randn(*k_shape, device=device, dtype=dtype) for _ in range(2))
+    timer = Timer(device)
+    times: Dict[str, float] = {}
+    for backend in backends:
+        try:
+            attention(q, k, v, backend=backend)
+            runs: list = []
+            with timer(runs):
+                for _ in range(calls):
+                    attention(q, k, v, backend=backend)
+        except torch.cuda.OutOfMemoryError:
+            continue
+        times[backend] = runs[0] * 1e3 / calls
+    return times

@@ -1,0 +1,176 @@
+"""Self-attention kernels at the A14B shapes, one process: where the attention time can go.
+
+    python bench/attention_check.py --sizes 832*480 1280*720 --output attention.json
+
+Self-attention takes about two thirds of a 1280*720 forward, and FA3's measured rate drops
+from ~717 TFLOP/s at 32,760 tokens to ~658 at 75,600 while its fp8 kernel (half the bytes
+of K and V) does not drop. This diagnostic times, on random q/k/v of one forward's shape
+(batch 1, 40 heads x 128), every exact kernel installed and the exact variants that could
+win back the loss:
+
+- `fa3`, `cudnn`, `flash`, `sdpa_flash`: the registry's kernels, dense call;
+- `fa3_splits{N}`: FA3 with its own split-KV (`num_splits=N`: N chunks of the keys, fp32
+  partial results combined in the kernel's epilogue) where the FA3 build takes the argument;
+- `fa3_kv_halves`: two FA3 calls on the two halves of the keys, combined by their
+  log-sum-exp in fp32 (a compiled elementwise kernel);
+- `fa3_fused_qkv`: FA3 on q, k, v viewed out of one (B, L, 3, H, D) buffer, the layout a
+  fused q/k/v projection would hand the kernel (strided tokens);
+- `fa3_fp8` (lossy, for scale only).
+
+Per variant and size: the median seconds per call, TFLOP/s, the output's relative error
+against `fa3` (or the first exact kernel), and the extra peak memory of the call. A
+diagnostic: nothing here is a test, and no variant becomes a default because of it alone.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import statistics
+import sys
+from typing import Any, Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.schema import write_json_atomic  # noqa: E402
+from wan.configs import SIZE_CONFIGS, WAN_CONFIGS  # noqa: E402
+from wan.utils.timing import Timer  # noqa: E402
+
+# the module, not the function wan.modules exports under the same name
+attn_mod = importlib.import_module('wan.modules.attention')
+GiB = 2**30
+
+
+def tokens_for(size: str, frames: int) -> int:
+    w, h = SIZE_CONFIGS[size]
+    return ((frames - 1) // 4 + 1) * (h // 16) * (w // 16)
+
+
+def _fa3_call(q, k, v, **kw):
+    return attn_mod._MODULES['fa3'].flash_attn_func(q, k, v, **kw)
+
+
+def _lse_merge(o1, l1, o2, l2):
+    """Two partial attentions (B, L, H, D) over disjoint keys with their log-sum-exps
+    (B, H, L) merged into the attention over all keys."""
+    lse = torch.logaddexp(l1, l2)
+    w1 = torch.exp(l1 - lse).transpose(1, 2).unsqueeze(-1)
+    w2 = torch.exp(l2 - lse).transpose(1, 2).unsqueeze(-1)
+    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype)
+
+
+def variants(device: torch.device, qkv: torch.Tensor) -> Dict[str, Callable]:
+    """Name -> f(q, k, v) for what this process can run; `qkv` is the (B, L, 3, H, D)
+    buffer q, k, v were copied from (the fused layout)."""
+    out: Dict[str, Callable] = {}
+    for name in attn_mod.available_backends():
+        out[name] = lambda q, k, v, _n=name: attn_mod.attention(q, k, v, backend=_n)
+    if 'fa3' not in out:
+        return out
+    params = inspect.signature(attn_mod._MODULES['fa3'].flash_attn_func).parameters
+    if 'num_splits' in params:
+        for n in (2, 3, 4):
+            out[f'fa3_splits{n}'] = lambda q, k, v, _n=n: attn_mod._first(
+                _fa3_call(q, k, v, num_splits=_n))
+    if 'return_attn_probs' in params:
+        merge = torch.compile(_lse_merge, dynamic=False) if device.type == 'cuda' \
+            else _lse_merge
+
+        def kv_halves(q, k, v):
+            half = k.shape[1] // 2
+            o1, l1 = _fa3_call(q, k[:, :half], v[:, :half], return_attn_probs=True)[:2]
+            o2, l2 = _fa3_call(q, k[:, half:], v[:, half:], return_attn_probs=True)[:2]
+            return merge(o1, l1, o2, l2)
+        out['fa3_kv_halves'] = kv_halves
+
+    out['fa3_fused_qkv'] = lambda q, k, v: attn_mod.attention(*qkv.unbind(2), backend='fa3')
+    if attn_mod.REGISTRY['fa3_fp8'].available():
+        out['fa3_fp8'] = lambda q, k, v: attn_mod.attention(q, k, v, backend='fa3_fp8')
+    return out
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def measure(size: str, tokens: int, heads: int, head_dim: int, device: torch.device,
+            reps: int, dtype: torch.dtype) -> Dict[str, Any]:
+    gen = torch.Generator(device).manual_seed(0)
+    qkv = torch.randn(1, tokens, 3, heads, head_dim, device=device, dtype=dtype,
+                      generator=gen)
+    q, k, v = (u.contiguous() for u in qkv.unbind(2))
+    flops = 4 * tokens * tokens * heads * head_dim
+    timer = Timer(device)
+    res: Dict[str, Any] = {'tokens': tokens, 'variants': {}}
+    ref = None
+    for name, fn in variants(device, qkv).items():
+        try:
+            y = fn(q, k, v)  # first call: kernel selection, compile of the merge
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+                del y
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            times: List[float] = []
+            for _ in range(reps):
+                with timer(times):
+                    y = fn(q, k, v)
+            extra = (torch.cuda.max_memory_allocated(device) - base) / GiB \
+                if device.type == 'cuda' else None
+        except Exception as exc:  # a kernel or an argument this build lacks
+            res['variants'][name] = {'error': repr(exc)[:300]}
+            print(f'{size:<10}{name:<16}error: {repr(exc)[:120]}')
+            continue
+        if ref is None and name not in attn_mod.LOSSY:
+            ref = y.float()
+        seconds = statistics.median(times)
+        row = {'seconds': seconds, 'tflops': flops / seconds / 1e12,
+               'rel_err_vs_first_exact': rel(y, ref), 'extra_peak_gib': extra}
+        res['variants'][name] = row
+        print(f"{size:<10}{name:<16}{seconds * 1e3:9.2f} ms {row['tflops']:8.1f} TFLOP/s "
+              f"rel err {row['rel_err_vs_first_exact']:.2e}"
+              + (f' +{extra:.2f} GiB' if extra is not None else ''))
+        del y
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--sizes', nargs='+', default=['832*480', '1280*720'],
+                   choices=sorted(SIZE_CONFIGS))
+    p.add_argument('--frames', type=int, default=81)
+    p.add_argument('--reps', type=int, default=5)
+    p.add_argument('--tiny', action='store_true',
+                   help='a few tokens and heads on the CPU (smoke test)')
+    p.add_argument('--output', default=None)
+    args = p.parse_args()
+    if not args.tiny and not torch.cuda.is_available():
+        print('bench/attention_check.py needs a CUDA GPU (or --tiny)')
+        return 2
+    cfg = WAN_CONFIGS['t2v-A14B']
+    device = torch.device('cpu' if args.tiny else 'cuda')
+    heads, head_dim = (2, 16) if args.tiny else (cfg.num_heads, cfg.dim // cfg.num_heads)
+    out: Dict[str, Any] = {
+        'gpu': torch.cuda.get_device_name() if device.type == 'cuda' else None,
+        'torch': torch.__version__, 'frames': args.frames, 'heads': heads,
+        'head_dim': head_dim, 'batch': 1, 'reps': args.reps,
+        'git_commit': os.environ.get('GIT_COMMIT'),
+        'command': ' '.join([os.path.basename(sys.executable), *sys.argv]), 'sizes': {}}
+    for size in args.sizes:
+        tokens = 96 if args.tiny else tokens_for(size, args.frames)
+        out['sizes'][size] = measure(size, tokens, heads, head_dim, device, args.reps,
+                                     torch.float32 if args.tiny else torch.bfloat16)
+        if args.output:
+            write_json_atomic(args.output, out)
+    if not args.output:
+        print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
