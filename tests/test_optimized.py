@@ -502,6 +502,10 @@ def test_attention_kernels_picked_per_shape(cfg32, monkeypatch):
     assert pipe.attention_backend == 'cudnn'
     pipe._pick_attention_kernels(1, 64)
     assert len(timed) == 2  # the same shapes are timed once per pipeline
+    for model in pipe.experts():
+        model.options.attn_backend = 'sdpa'
+    pipe._pick_attention_kernels(1, 64)  # ... and the picks applied again (generate())
+    assert pipe.low_noise_model.options.attn_backend == 'cudnn'
 
     named = build_optimized(cfg32, attention='sdpa')
     named.device = torch.device('cuda')

@@ -159,8 +159,8 @@ class WanT2VOptimized(WanT2V):
         self._prompt_cache: Dict[str, torch.Tensor] = {}
         # latent (H', W') -> peak bytes of a short probe decode (None: it ran out of memory)
         self._vae_probe: Dict[Tuple[int, int], Optional[int]] = {}
-        # milliseconds per call of each attention kernel, by (kind, q shape, k shape)
-        self._kernel_times: Dict[tuple, Dict[str, float]] = {}
+        # the attention kernels timed fastest, by (batch, tokens): {'self': .., 'cross': ..}
+        self._kernel_picks: Dict[Tuple[int, int], Dict[str, str]] = {}
         self._plan: Optional[MemoryPlan] = None
         self._evicted: set = set()  # experts whose GPU weights left for a decode
         on_cuda = self.device.type == 'cuda'
@@ -435,7 +435,7 @@ class WanT2VOptimized(WanT2V):
         shape = self.target_shape(size, frame_num)
         seq_len = self.seq_len_for(shape)
         batch = 2 if plan.batched_cfg else 1
-        self._pick_attention_kernels(batch, seq_len)
+        self._pick_attention_kernels(batch, seq_len)  # before compiling: the kernels are baked in
         lat = torch.zeros(*shape, device=self.device)
         # the T5 dtype under autocast; the compute dtype otherwise (as generate() casts it)
         ctx = torch.zeros(1, self.config.get('text_dim', 4096), device=self.device,
@@ -505,32 +505,32 @@ class WanT2VOptimized(WanT2V):
         candidates = [b for b in ('fa3', 'cudnn', 'flash') if b in available_backends()]
         if self.opt.attention != 'auto' or len(candidates) < 2 or self.device.type != 'cuda':
             return
-        c = self.config
-        heads, head_dim = c.num_heads, c.dim // c.num_heads
-        shapes = {'self': ((batch, tokens, heads // self.sp_size, head_dim),) * 2,
-                  'cross': ((batch, tokens // self.sp_size, heads, head_dim),
-                            (batch, c.text_len, heads, head_dim))}
-        picks, report = {}, {}
-        for kind, (q_shape, k_shape) in shapes.items():
-            key = (kind, q_shape, k_shape)
-            if key not in self._kernel_times:
-                self._kernel_times[key] = time_backends(candidates, q_shape, k_shape,
-                                                        self.device)
-            times = self._kernel_times[key]
-            picks[kind] = min(times, key=times.get) if times else self.attention_backend
-            report[kind] = {k: round(v, 3) for k, v in times.items()}
-        if dist.is_available() and dist.is_initialized():
-            # one kernel on every rank (timings differ a little between GPUs)
-            choice = [picks]
-            first = self.parallel_info.replica_ranks[0] if self.parallel_info else 0
-            dist.broadcast_object_list(choice, src=first, group=self.group)
-            picks = choice[0]
+        key = (batch, tokens)
+        if key not in self._kernel_picks:
+            c = self.config
+            heads, head_dim = c.num_heads, c.dim // c.num_heads
+            shapes = {'self': ((batch, tokens, heads // self.sp_size, head_dim),) * 2,
+                      'cross': ((batch, tokens // self.sp_size, heads, head_dim),
+                                (batch, c.text_len, heads, head_dim))}
+            picks, report = {}, {}
+            for kind, (q_shape, k_shape) in shapes.items():
+                times = time_backends(candidates, q_shape, k_shape, self.device)
+                picks[kind] = min(times, key=times.get) if times else candidates[0]
+                report[kind] = {k: round(v, 3) for k, v in times.items()}
+            if dist.is_available() and dist.is_initialized():
+                # one kernel on every rank (timings differ a little between GPUs)
+                choice = [picks]
+                first = self.parallel_info.replica_ranks[0] if self.parallel_info else 0
+                dist.broadcast_object_list(choice, src=first, group=self.group)
+                picks = choice[0]
+            self._kernel_picks[key] = picks
+            logging.info('attention kernels at %d tokens: self %s, cross %s (ms per call: %s)',
+                         tokens, picks['self'], picks['cross'], report)
+        picks = self._kernel_picks[key]
         self.attention_backend = picks['self']
         for model in self.experts():
             model.options.attn_backend = picks['self']
             model.options.cross_attn_backend = picks['cross']
-        logging.info('attention kernels at %d tokens: self %s, cross %s (ms per call: %s)',
-                     tokens, picks['self'], picks['cross'], report)
 
     # ------------------------------------------------------------------ hooks
     def _begin_step(self, index: int, num_steps: int) -> None:
@@ -683,7 +683,10 @@ class WanT2VOptimized(WanT2V):
                               seed=seed, num_train_timesteps=self.num_train_timesteps)
         steps = self.step_split(sample_solver, sampling_steps, shift)
         self._plan = self.place_for(size, frame_num, offload_model, use_batched_cfg, steps)
-        self._probe_vae(size)  # no-op after warm_up() or an earlier call at this size
+        # both no-ops after warm_up() or an earlier call at this size
+        self._pick_attention_kernels(2 if self._plan.batched_cfg else 1,
+                                     self.seq_len_for(self.target_shape(size, frame_num)))
+        self._probe_vae(size)
         try:
             return super().generate(input_prompt, size=size, frame_num=frame_num, shift=shift,
                                     sample_solver=sample_solver, sampling_steps=sampling_steps,
