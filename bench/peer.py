@@ -6,8 +6,9 @@ Only when the `diffusers` package is importable (it is never a dependency of thi
 Both transformers are built with the task's A14B widths and random bf16 weights on one GPU,
 in one process, and run one forward (one CFG branch, batch 1, 512 text tokens) at the same
 shapes, after a warm-up:
-- this project: WanT2VOptimized's forward options (per-sample time, fp32 RoPE, the fastest
-  attention kernel) and compiled blocks, in the reference's numerics (fp32 residual stream);
+- this project: WanT2VOptimized's forward options (per-sample time, fp32 RoPE, the self- and
+  cross-attention kernels timed fastest at each size, as its warm-up picks them) and compiled
+  blocks, in the reference's numerics (fp32 residual stream);
 - diffusers, eager, with each attention backend it can use here (native SDPA, cuDNN, FA3),
   and with `compile_repeated_blocks(fullgraph=True)` on its fastest eager backend.
 Per size and variant: the median seconds per forward and the peak GPU memory above the
@@ -100,7 +101,7 @@ def peer_forwards(sizes: List[str], frames: int, reps: int, tiny: bool = False,
                   after_size: Optional[Callable[[Dict[str, Any]], None]] = None
                   ) -> Dict[str, Any]:
     from wan.configs import SIZE_CONFIGS, WAN_CONFIGS
-    from wan.modules.attention import resolve_backend
+    from wan.modules.attention import pick_kernels, resolve_backend
     from wan.modules.model import ForwardOptions, WanModel
     from wan.optimizations import compile_blocks
     from wan.utils.dtype_policy import dtype_rule
@@ -148,6 +149,16 @@ def peer_forwards(sizes: List[str], frames: int, reps: int, tiny: bool = False,
         ctx = torch.randn(512, 4096, device=dev, generator=gen).bfloat16()
         t = torch.tensor([900], device=dev)
         row: Dict[str, Any] = {'tokens': seq_len}
+        # as WanT2VOptimized with attention='auto': the kernels timed fastest at this shape
+        found = pick_kernels(1, seq_len, widths['num_heads'],
+                             widths['dim'] // widths['num_heads'], 512, dev)
+        if found is not None:
+            ours.options.attn_backend = found[0]['self']
+            ours.options.cross_attn_backend = found[0]['cross']
+        row['ours_kernels'] = {'self': ours.options.attn_backend,
+                               'cross': ours.options.cross_attn_backend or
+                               ours.options.attn_backend,
+                               'ms_per_call': found[1] if found else None}
 
         def run_ours():
             with torch.autocast(dev.type, dtype=torch.bfloat16):

@@ -477,15 +477,16 @@ def test_attention_kernels_picked_per_shape(cfg32, monkeypatch):
     the one timed fastest on their own shape (Ulysses: self-attention with a rank's share of
     the heads, cross-attention with its share of the tokens); timings are kept per shape.
     A named kernel is never overridden."""
-    import wan.text2video_optimized as opt
+    import importlib
+    attn = importlib.import_module('wan.modules.attention')
     timed = []
 
     def fake_times(backends, q_shape, k_shape, device):
         timed.append((tuple(backends), q_shape, k_shape))
         cross = k_shape[1] == cfg32.text_len
         return {'fa3': 2.0 if cross else 5.0, 'cudnn': 3.0 if cross else 4.0}
-    monkeypatch.setattr(opt, 'available_backends', lambda: ['fa3', 'cudnn', 'sdpa'])
-    monkeypatch.setattr(opt, 'time_backends', fake_times)
+    monkeypatch.setattr(attn, 'available_backends', lambda: ['fa3', 'cudnn', 'sdpa'])
+    monkeypatch.setattr(attn, 'time_backends', fake_times)
     pipe = build_optimized(cfg32, attention='auto')
     pipe.device = torch.device('cuda')  # the pick only runs on a GPU; timings are faked
     pipe.sp_size = 2

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .modules.attention import available_backends, resolve_backend, time_backends
+from .modules.attention import pick_kernels, resolve_backend
 from .modules.fp8 import (Fp8Schedule, fp8_weight_names, quantize_transform, set_fp8_compute_,
                           swap_linears_)
 from .modules.model import WanModel
@@ -496,27 +496,20 @@ class WanT2VOptimized(WanT2V):
                      'out of memory' if peak is None else f'{peak / 2**30:.1f} GiB')
 
     def _pick_attention_kernels(self, batch: int, tokens: int) -> None:
-        """With attention='auto', time the fast exact kernels on this video's two attention
-        shapes and keep the faster for each: self-attention (every token against every
-        token) and cross-attention (the tokens against 512 text keys). Which kernel wins
-        depends on the GPU and the sequence length, and differs between the two shapes.
-        Under Ulysses a rank's self-attention sees all tokens with its share of the heads,
-        its cross-attention its share of the tokens with all heads."""
-        candidates = [b for b in ('fa3', 'cudnn', 'flash') if b in available_backends()]
-        if self.opt.attention != 'auto' or len(candidates) < 2 or self.device.type != 'cuda':
+        """With attention='auto', the fast exact kernels timed on this video's two attention
+        shapes, the faster kept for each (`pick_kernels`): which wins depends on the GPU and
+        the sequence length, and differs between self- and cross-attention (512 keys).
+        Timed once per (batch, tokens) and pipeline; the picks are applied on every call."""
+        if self.opt.attention != 'auto':
             return
         key = (batch, tokens)
         if key not in self._kernel_picks:
             c = self.config
-            heads, head_dim = c.num_heads, c.dim // c.num_heads
-            shapes = {'self': ((batch, tokens, heads // self.sp_size, head_dim),) * 2,
-                      'cross': ((batch, tokens // self.sp_size, heads, head_dim),
-                                (batch, c.text_len, heads, head_dim))}
-            picks, report = {}, {}
-            for kind, (q_shape, k_shape) in shapes.items():
-                times = time_backends(candidates, q_shape, k_shape, self.device)
-                picks[kind] = min(times, key=times.get) if times else candidates[0]
-                report[kind] = {k: round(v, 3) for k, v in times.items()}
+            found = pick_kernels(batch, tokens, c.num_heads, c.dim // c.num_heads, c.text_len,
+                                 self.device, self.sp_size)
+            if found is None:  # not on a GPU, or only one fast kernel installed
+                return
+            picks, report = found
             if dist.is_available() and dist.is_initialized():
                 # one kernel on every rank (timings differ a little between GPUs)
                 choice = [picks]

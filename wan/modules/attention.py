@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ['flash_attention', 'attention', 'available_backends', 'resolve_backend', 'LOSSY',
            'AttentionBackend', 'REGISTRY', 'BACKENDS', 'POLICIES', 'ATTENTION_CHOICES',
-           'AUTO_ORDER', 'time_backends']
+           'AUTO_ORDER', 'TIMED', 'time_backends', 'pick_kernels']
 
 # Kernel modules found so far, by name. Plain module globals (not an lru_cache) so that
 # torch.compile treats them as constants inside compiled blocks.
@@ -274,6 +274,8 @@ ATTENTION_CHOICES = POLICIES + BACKENDS
 # kernels (fa3_fp8) are only ever chosen by name
 AUTO_ORDER = ('fa3', 'cudnn', 'flash', 'sdpa_flash', 'sdpa')
 LOSSY = ('fa3_fp8',)
+# the exact kernels 'auto' times against each other on the real shapes (pick_kernels)
+TIMED = ('fa3', 'cudnn', 'flash')
 
 
 def available_backends() -> list[str]:
@@ -330,3 +332,28 @@ def time_backends(backends: Sequence[str], q_shape: Sequence[int], k_shape: Sequ
             continue
         times[backend] = runs[0] * 1e3 / calls
     return times
+
+
+def pick_kernels(batch: int, tokens: int, heads: int, head_dim: int, text_len: int,
+                 device: torch.device | str, sp_size: int = 1
+                 ) -> Optional[Tuple[Dict[str, str], Dict[str, Dict[str, float]]]]:
+    """The fastest of the installed `TIMED` kernels for a DiT forward's two attention
+    shapes, timed on `device`: 'self' (every token against every token) and 'cross' (the
+    tokens against `text_len` text keys). Under Ulysses (`sp_size` ranks) a rank's
+    self-attention sees every token with its share of the heads, its cross-attention its
+    share of the tokens with every head. Returns ({'self': name, 'cross': name}, the
+    milliseconds per call of each), or None where fewer than two kernels could be timed."""
+    if torch.device(device).type != 'cuda':
+        return None
+    candidates = [b for b in TIMED if b in available_backends()]
+    if len(candidates) < 2:
+        return None
+    shapes = {'self': ((batch, tokens, heads // sp_size, head_dim),) * 2,
+              'cross': ((batch, tokens // sp_size, heads, head_dim),
+                        (batch, text_len, heads, head_dim))}
+    picks, report = {}, {}
+    for kind, (q_shape, k_shape) in shapes.items():
+        times = time_backends(candidates, q_shape, k_shape, device)
+        picks[kind] = min(times, key=times.get) if times else candidates[0]
+        report[kind] = {k: round(v, 3) for k, v in times.items()}
+    return picks, report
