@@ -1,10 +1,11 @@
-"""Optimize an existing WanT2V pipeline in place, or report what this machine supports.
+"""Optimize an existing WanT2V pipeline, or report what this machine supports.
 
 Library use (one implementation of every optimization, shared with WanT2VOptimized):
 
     from optimize_t2v import optimize_pipeline
     pipe = wan.WanT2V(config, checkpoint_dir=...)
-    optimize_pipeline(pipe, compile=True, attention='auto')   # same object, now optimized
+    pipe = optimize_pipeline(pipe, compile=True, attention='auto')
+    # a WanT2VOptimized around the same models (edited in place): use the returned object
 
 Command line: a report of the GPU, its free memory, the importable attention kernels and
 their measured speed at the requested size, and the memory plan the optimized pipeline
