@@ -10,9 +10,9 @@ fp32 matmuls changes the fp32 islands' precision and is opt-in.
 - per_sample_time: time MLP and 6*dim projection once per sample, broadcast over tokens
   (upstream runs them once per token: ~24 TFLOP of fp32 GEMM per 720p forward);
 - fast_rope: RoPE from a cached fp32 cos/sin table instead of float64 complex products;
-- attention: the fastest available kernel ('auto': FA3 > cuDNN SDPA > FA2 > SDPA; at
-  warm-up, where several are installed, self- and cross-attention each take the one timed
-  fastest on the video's own shapes);
+- attention: the fastest available kernel ('auto': FA3 > cuDNN SDPA > FA2 > SDPA; where
+  several are installed, the first call at each size times them, and self- and
+  cross-attention each take the one fastest on the video's own shapes);
 - bf16_weights: the matmul weights, which upstream casts to bf16 on every call under
   autocast, are stored in bf16 as they load; the fp32 islands (time MLP, head, norms,
   modulation) keep fp32;
