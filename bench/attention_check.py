@@ -17,6 +17,9 @@ win back the loss:
   fused q/k/v projection would hand the kernel (strided tokens);
 - `fa3_fp8` (lossy, for scale only).
 
+And the q/k/v projections before it: three GEMMs against one on the concatenated weights
+(what fusing them at load would change).
+
 Per variant and size: the median seconds per call, TFLOP/s, the output's relative error
 against `fa3` (or the first exact kernel), and the extra peak memory of the call. A
 diagnostic: nothing here is a test, and no variant becomes a default because of it alone.
@@ -139,6 +142,44 @@ def measure(size: str, tokens: int, heads: int, head_dim: int, device: torch.dev
     return res
 
 
+def measure_qkv_projection(tokens: int, dim: int, device: torch.device, reps: int,
+                           dtype: torch.dtype) -> Dict[str, Any]:
+    """The q/k/v projections of self-attention as three (tokens x dim) @ (dim x dim) GEMMs
+    against one GEMM with the three weights concatenated (dim x 3 dim): seconds per call
+    and the largest difference of the outputs (the same dot products; the GEMM kernel may
+    block them differently)."""
+    gen = torch.Generator(device).manual_seed(1)
+    x = torch.randn(tokens, dim, device=device, dtype=dtype, generator=gen)
+    ws = [torch.randn(dim, dim, device=device, dtype=dtype, generator=gen) / dim ** 0.5
+          for _ in range(3)]
+    bs = [torch.randn(dim, device=device, dtype=dtype, generator=gen) for _ in range(3)]
+    w_cat, b_cat = torch.cat(ws), torch.cat(bs)
+    F = torch.nn.functional
+
+    def separate():
+        return [F.linear(x, w, b) for w, b in zip(ws, bs)]
+
+    def fused():
+        return F.linear(x, w_cat, b_cat).split(dim, dim=-1)
+    timer = Timer(device)
+    res: Dict[str, Any] = {'tokens': tokens, 'dim': dim}
+    for name, fn in (('separate', separate), ('fused', fused)):
+        fn()
+        times: List[float] = []
+        for _ in range(reps):
+            with timer(times):
+                fn()
+        seconds = statistics.median(times)
+        res[name] = {'seconds': seconds, 'tflops': 3 * 2 * tokens * dim * dim / seconds / 1e12}
+    res['max_abs_diff'] = max(float((a.float() - b.float()).abs().max())
+                              for a, b in zip(separate(), fused()))
+    res['fused_over_separate'] = res['fused']['seconds'] / res['separate']['seconds']
+    print(f"q/k/v projection at {tokens} tokens: separate {res['separate']['seconds'] * 1e3:.2f}"
+          f" ms, fused {res['fused']['seconds'] * 1e3:.2f} ms "
+          f"({res['fused_over_separate']:.3f}x), max abs diff {res['max_abs_diff']:.2e}")
+    return res
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--sizes', nargs='+', default=['832*480', '1280*720'],
@@ -163,8 +204,10 @@ def main() -> int:
         'command': ' '.join([os.path.basename(sys.executable), *sys.argv]), 'sizes': {}}
     for size in args.sizes:
         tokens = 96 if args.tiny else tokens_for(size, args.frames)
-        out['sizes'][size] = measure(size, tokens, heads, head_dim, device, args.reps,
-                                     torch.float32 if args.tiny else torch.bfloat16)
+        dtype = torch.float32 if args.tiny else torch.bfloat16
+        out['sizes'][size] = measure(size, tokens, heads, head_dim, device, args.reps, dtype)
+        out['sizes'][size]['qkv_projection'] = measure_qkv_projection(
+            tokens, heads * head_dim, device, args.reps, dtype)
         if args.output:
             write_json_atomic(args.output, out)
     if not args.output:

@@ -40,3 +40,6 @@ def test_attention_check_runs_on_the_cpu(tmp_path):
     data = json.loads(out.read_text())
     row = data['sizes']['832*480']['variants']['sdpa']
     assert row['seconds'] > 0 and row['rel_err_vs_first_exact'] == 0.0
+    qkv = data['sizes']['832*480']['qkv_projection']
+    assert qkv['separate']['seconds'] > 0 and qkv['fused']['seconds'] > 0
+    assert qkv['max_abs_diff'] < 1e-4  # the same dot products (fp32 on the CPU)
