@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from typing import List, Optional
 
-from wan.modules.attention import ATTENTION_CHOICES
-from wan.optimizations import COMPILE_MODES, OptimizationConfig, toggle_names
+from wan.optimizations import OptimizationConfig, toggle_names
 from wan.configs.presets import PRESETS
 from wan.text2video import SOLVERS
 
@@ -49,13 +49,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="the reference path's kernel ('reference': what upstream would use)")
     p.add_argument('--same_kernel_baseline', action='store_true', default=False,
                    help='also time the reference path with the optimized kernel')
-    # optimized mode: OptimizationConfig's fields
-    p.add_argument('--attention', default='auto', choices=list(ATTENTION_CHOICES))
-    p.add_argument('--compile_mode', default='default', choices=list(COMPILE_MODES))
-    p.add_argument('--ffn_chunk_tokens', type=int, default=OptimizationConfig().ffn_chunk_tokens)
-    p.add_argument('--quantize', default=OptimizationConfig().quantize,
-                   help='optimized mode, lossy: fp8 block linears (ffn, attn_proj, cross_attn, '
-                        'all or fp8; none = off)')
+    # optimized mode: OptimizationConfig's valued fields (--attention, --compile_mode,
+    # --ffn_chunk_tokens, --quantize, --fp8_*_bf16_steps), as generate_optimized.py spells them
+    defaults = OptimizationConfig()
+    for f in fields(OptimizationConfig):
+        if f.type in ('bool', bool):
+            continue
+        value = getattr(defaults, f.name)
+        p.add_argument(f'--{f.name}', type=type(value), default=value,
+                       choices=list(f.metadata['choices']) or None,
+                       help='optimized mode: ' + f.metadata['help'])
     p.add_argument('--preset', default=None, choices=sorted(PRESETS),
                    help='a sampling recipe (lightning: Euler, 4 steps, shift 5, guidance 1.0, '
                         'boundary 0.875) for the options left at their defaults')
@@ -65,7 +68,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--gpu_memory_gib', type=float, default=None,
                    help='optimized mode: cap the GPU memory the pipeline may use (the planner '
                         'streams expert blocks when they do not fit)')
-    defaults = OptimizationConfig()
     for t in toggle_names():
         p.add_argument(f'--no-{t}', dest=t, action='store_false', default=getattr(defaults, t))
         p.add_argument(f'--{t}', dest=t, action='store_true',

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from wan.optimizations import OptimizationConfig, toggle_names
+from wan.optimizations import OptimizationConfig, config_from_args, toggle_names
 from wan.utils.timing import Timer
 
 from .ceilings import floor_per_forward, forward_flops, measure_ceilings
@@ -332,9 +332,7 @@ def _measure(result, args, cfg, size, tokens, device, rank, world, local_rank, u
                   convert_model_dtype=args.convert_model_dtype, random_init=args.random_init,
                   random_init_seed=0, cfg_parallel=args.cfg_parallel, ulysses_size=ulysses,
                   loras=[random_lora(cfg, args.lora_rank)] if args.lora_rank else [])
-    toggles = dict({t: getattr(args, t) for t in toggle_names()}, attention=args.attention,
-                   compile_mode=args.compile_mode, ffn_chunk_tokens=args.ffn_chunk_tokens,
-                   quantize=args.quantize)
+    toggles = config_from_args(args).as_dict()
     with timer(build):
         if args.mode == 'optimized':
             # built optimized: the experts load in their dtype policy straight to where the

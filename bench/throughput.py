@@ -116,7 +116,7 @@ def run_throughput_child(args: argparse.Namespace) -> Dict[str, Any]:
     from generate import init_distributed, init_logging
     from wan.configs import SIZE_CONFIGS, WAN_CONFIGS
     from wan.distributed.cfg_parallel import data_parallel_layout
-    from wan.optimizations import OptimizationConfig, toggle_names
+    from wan.optimizations import config_from_args
     from wan.text2video_optimized import WanT2VOptimized
 
     rank, world, local_rank = init_distributed(args)
@@ -125,9 +125,7 @@ def run_throughput_child(args: argparse.Namespace) -> Dict[str, Any]:
     replicas = data_parallel_layout(world, ulysses, args.cfg_parallel)
     cfg = WAN_CONFIGS[args.task]
     size = SIZE_CONFIGS[args.size]
-    opts = OptimizationConfig(**{t: getattr(args, t) for t in toggle_names()},
-                              attention=args.attention, compile_mode=args.compile_mode,
-                              ffn_chunk_tokens=args.ffn_chunk_tokens, quantize=args.quantize)
+    opts = config_from_args(args)
     t0 = time.perf_counter()
     pipe = WanT2VOptimized(cfg, args.ckpt_dir, device_id=local_rank, rank=rank,
                            use_sp=ulysses > 1, cfg_parallel=args.cfg_parallel,
