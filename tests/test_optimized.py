@@ -518,3 +518,19 @@ def test_time_backends_runs_each_kernel():
     from wan.modules.attention import time_backends
     times = time_backends(['sdpa'], (1, 16, 2, 8), (1, 8, 2, 8), 'cpu', dtype=torch.float32)
     assert list(times) == ['sdpa'] and times['sdpa'] > 0
+
+
+def test_time_backends_leaves_out_a_kernel_that_fails(monkeypatch, caplog):
+    import importlib
+    attn = importlib.import_module('wan.modules.attention')
+    real = attn.attention
+
+    def flaky(q, k, v, backend=None, **kw):
+        if backend == 'sdpa_flash':
+            raise RuntimeError('No available kernel for this shape\nmore')
+        return real(q, k, v, backend='sdpa', **kw)
+    monkeypatch.setattr(attn, 'attention', flaky)
+    times = attn.time_backends(['sdpa_flash', 'sdpa'], (1, 8, 2, 8), (1, 8, 2, 8), 'cpu',
+                               dtype=torch.float32)
+    assert list(times) == ['sdpa']
+    assert 'sdpa_flash left out' in caplog.text and 'No available kernel' in caplog.text

@@ -28,6 +28,7 @@ with `backend=None` uses the 'reference' policy.
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -314,8 +315,9 @@ def time_backends(backends: Sequence[str], q_shape: Sequence[int], k_shape: Sequ
                   device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
                   calls: int = 3) -> Dict[str, float]:
     """Milliseconds per dense call of each kernel on random q and k/v of these (B, L, H, D)
-    shapes, after one untimed call (kernel selection, autotuning). A kernel that runs out
-    of memory at this shape is left out of the result."""
+    shapes, after one untimed call (kernel selection, autotuning). A kernel that fails at
+    this shape (out of memory, or no kernel for it) is left out of the result, with a
+    warning."""
     from ..utils.timing import Timer
     q = torch.randn(*q_shape, device=device, dtype=dtype)
     k, v = (torch.randn(*k_shape, device=device, dtype=dtype) for _ in range(2))
@@ -328,7 +330,9 @@ def time_backends(backends: Sequence[str], q_shape: Sequence[int], k_shape: Sequ
             with timer(runs):
                 for _ in range(calls):
                     attention(q, k, v, backend=backend)
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
+            logging.warning('attention kernel %s left out at q %s, k %s: %s', backend,
+                            tuple(q_shape), tuple(k_shape), str(exc).splitlines()[0][:200])
             continue
         times[backend] = runs[0] * 1e3 / calls
     return times
