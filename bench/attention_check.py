@@ -18,7 +18,9 @@ win back the loss:
 - `fa3_fp8` (lossy, for scale only).
 
 And the q/k/v projections before it: three GEMMs against one on the concatenated weights
-(what fusing them at load would change).
+(what fusing them at load would change); and the kernel `auto` resolves to, timed call by
+call back to back and with a block's FFN GEMMs between the calls (attention measured inside
+the model has run slower than standalone: this tells the GPU's state from the call's inputs).
 
 Per variant and size: the median seconds per call, TFLOP/s, the output's relative error
 against `fa3` (or the first exact kernel), and the extra peak memory of the call. A
@@ -180,12 +182,47 @@ def measure_qkv_projection(tokens: int, dim: int, device: torch.device, reps: in
     return res
 
 
+def measure_between_gemms(tokens: int, heads: int, head_dim: int, ffn_dim: int,
+                          device: torch.device, reps: int, dtype: torch.dtype
+                          ) -> Dict[str, Any]:
+    """The exact kernel 'auto' resolves to, timed call by call (CUDA events around the
+    attention call only) back to back, and with a block's FFN GEMMs (tokens x dim x ffn_dim,
+    both directions) running between the calls, as inside the model. A slower attention in
+    the second case is the GPU's state (clocks, power, caches) after heavy GEMMs, not
+    anything the attention call is handed."""
+    backend = attn_mod.resolve_backend('auto', device)
+    dim = heads * head_dim
+    gen = torch.Generator(device).manual_seed(2)
+    q, k, v = (torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype,
+                           generator=gen) for _ in range(3))
+    x = torch.randn(tokens, dim, device=device, dtype=dtype, generator=gen)
+    w1 = torch.randn(ffn_dim, dim, device=device, dtype=dtype, generator=gen) / dim ** 0.5
+    w2 = torch.randn(dim, ffn_dim, device=device, dtype=dtype, generator=gen) / ffn_dim ** 0.5
+    F = torch.nn.functional
+    timer = Timer(device)
+    res: Dict[str, Any] = {'backend': backend, 'tokens': tokens, 'ffn_dim': ffn_dim}
+    for name, gemms in (('back_to_back', False), ('between_gemms', True)):
+        attn_mod.attention(q, k, v, backend=backend)
+        times: List[float] = []
+        for _ in range(reps):
+            if gemms:
+                F.linear(F.linear(x, w1), w2)
+            with timer(times):
+                attn_mod.attention(q, k, v, backend=backend)
+        res[name] = statistics.median(times)
+    res['between_over_back_to_back'] = res['between_gemms'] / res['back_to_back']
+    print(f"{backend} at {tokens} tokens: back to back {res['back_to_back'] * 1e3:.2f} ms, "
+          f"between GEMMs {res['between_gemms'] * 1e3:.2f} ms "
+          f"({res['between_over_back_to_back']:.3f}x)")
+    return res
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--sizes', nargs='+', default=['832*480', '1280*720'],
                    choices=sorted(SIZE_CONFIGS))
     p.add_argument('--frames', type=int, default=81)
-    p.add_argument('--reps', type=int, default=5)
+    p.add_argument('--reps', type=int, default=8)
     p.add_argument('--tiny', action='store_true',
                    help='a few tokens and heads on the CPU (smoke test)')
     p.add_argument('--output', default=None)
@@ -208,6 +245,9 @@ def main() -> int:
         out['sizes'][size] = measure(size, tokens, heads, head_dim, device, args.reps, dtype)
         out['sizes'][size]['qkv_projection'] = measure_qkv_projection(
             tokens, heads * head_dim, device, args.reps, dtype)
+        out['sizes'][size]['attention_between_gemms'] = measure_between_gemms(
+            tokens, heads, head_dim, 64 if args.tiny else cfg.ffn_dim, device, args.reps,
+            dtype)
         if args.output:
             write_json_atomic(args.output, out)
     if not args.output:

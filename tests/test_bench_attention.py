@@ -43,3 +43,5 @@ def test_attention_check_runs_on_the_cpu(tmp_path):
     qkv = data['sizes']['832*480']['qkv_projection']
     assert qkv['separate']['seconds'] > 0 and qkv['fused']['seconds'] > 0
     assert qkv['max_abs_diff'] < 1e-4  # the same dot products (fp32 on the CPU)
+    between = data['sizes']['832*480']['attention_between_gemms']
+    assert between['backend'] == 'sdpa' and between['between_over_back_to_back'] > 0
