@@ -76,7 +76,13 @@ def report(task: str = 't2v-A14B', size: Optional[str] = None,
         return out
     if time_kernels:
         from bench.ceilings import measure_ceilings
+        from wan.modules.attention import pick_kernels
         out['ceilings'] = measure_ceilings(cfg, tokens, torch.device('cuda'))
+        # what 'auto' would pick at this size (batch 1: sequential CFG), as the pipeline does
+        found = pick_kernels(1, tokens, cfg.num_heads, cfg.dim // cfg.num_heads, cfg.text_len,
+                             torch.device('cuda'))
+        if found is not None:
+            out['auto_attention_picks'] = found[0]
     return out
 
 
