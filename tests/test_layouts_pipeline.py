@@ -112,6 +112,22 @@ def test_loras_merged_as_they_load_equal_a_merge_by_hand(tmp_path, tiny_cfg, tin
                        tiny_pipe.high_noise_model.blocks[0].self_attn.q.weight)
 
 
+def test_loras_on_random_weights_equal_a_merge_by_hand(tmp_path, tiny_cfg, tiny_pipe):
+    """Random weights stream through the same LoRA merge as a checkpoint's: the values of
+    merging into the finished random expert."""
+    path = _lora(tmp_path / 'l.safetensors', tiny_pipe.high_noise_model)
+    with_lora = WanT2V(tiny_cfg, None, random_init=True, device='cpu',
+                       loras_high=[f'{path}:0.5'])
+    by_hand = WanT2V(tiny_cfg, None, random_init=True, device='cpu')
+    merge_loras_(by_hand.high_noise_model, [load_lora(LoraSpec(path, 0.5))])
+    for (n, a), (_, b) in zip(with_lora.high_noise_model.state_dict().items(),
+                              by_hand.high_noise_model.state_dict().items()):
+        assert torch.equal(a, b), n
+    plain = WanT2V(tiny_cfg, None, random_init=True, device='cpu')
+    assert not torch.equal(with_lora.high_noise_model.blocks[0].self_attn.q.weight,
+                           plain.high_noise_model.blocks[0].self_attn.q.weight)
+
+
 def test_a_missing_lora_is_refused_before_any_model_is_built(tmp_path, tiny_cfg, original,
                                                              no_model_build):
     with pytest.raises(FileNotFoundError, match='LoRA file not found'):

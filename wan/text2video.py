@@ -28,7 +28,7 @@ from .utils.fm_solvers import (FlowDPMSolverMultistepScheduler, get_sampling_sig
                                retrieve_timesteps)
 from .utils.fm_solvers_euler import FlowEulerScheduler
 from .utils.fm_solvers_unipc import FlowUniPCMultistepScheduler
-from .utils.lora import lora_merge_transform, merge_loras_
+from .utils.lora import lora_merge_transform
 from .utils.random_init import build_on_meta
 from .utils.timing import PipelineObserver
 from .utils.validation import check_device_fits, check_generation_args
@@ -310,7 +310,7 @@ class WanT2V:
         (WanModel.from_source; not with LoRAs, which merge into dequantized weights)."""
         loras = self._loras[name]
         merge = None
-        if loras and (transform is not None or not self.random_init):
+        if loras:
             shapes = module_tensor_shapes(build_on_meta(lambda: WanModel(**self._dit_kwargs())))
             merge = lora_merge_transform(loras, shapes)
         if self.random_init:
@@ -319,8 +319,6 @@ class WanT2V:
                                          before_load=before_load, place=place,
                                          transform=chain(merge, transform),
                                          **self._dit_kwargs())
-            if loras and merge is None:
-                merge_loras_(model, loras)
             return model
         source = getattr(self.layout, f'{name}_model')
         logging.info('Creating WanModel %s from %s', name, source.describe())
