@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import statistics
@@ -41,6 +40,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.schema import write_json_atomic  # noqa: E402
 from wan.utils.timing import Timer  # noqa: E402
 
 __all__ = ['diffusers_available', 'peer_forwards', 'peer_pipelines', 'main']
@@ -383,9 +383,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 command=' '.join([os.path.basename(sys.executable), *sys.argv]))
 
     def write(out: Dict[str, Any]) -> None:
-        if args.output:
-            with open(args.output, 'w') as f:
-                json.dump(dict(out, **meta, seconds=time.perf_counter() - t0), f, indent=2)
+        if args.output:  # whole or not at all: a run cut short keeps the previous write
+            write_json_atomic(args.output, dict(out, **meta, seconds=time.perf_counter() - t0))
 
     if not args.forwards and not args.pipeline:
         print('error: --no-forwards leaves nothing to run without --pipeline', file=sys.stderr)

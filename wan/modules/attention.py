@@ -35,6 +35,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..utils.timing import Timer
+
 __all__ = ['flash_attention', 'attention', 'available_backends', 'resolve_backend', 'LOSSY',
            'AttentionBackend', 'REGISTRY', 'BACKENDS', 'POLICIES', 'ATTENTION_CHOICES',
            'AUTO_ORDER', 'TIMED', 'time_backends', 'pick_kernels']
@@ -318,7 +320,6 @@ def time_backends(backends: Sequence[str], q_shape: Sequence[int], k_shape: Sequ
     shapes, after one untimed call (kernel selection, autotuning). A kernel that fails at
     this shape (out of memory, or no kernel for it) is left out of the result, with a
     warning."""
-    from ..utils.timing import Timer
     q = torch.randn(*q_shape, device=device, dtype=dtype)
     k, v = (torch.randn(*k_shape, device=device, dtype=dtype) for _ in range(2))
     timer = Timer(device)
